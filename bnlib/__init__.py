@@ -1,0 +1,31 @@
+"""bnlib: the companion library of the batch-normalization book.
+
+Modules (import the one you need; each is small and self-contained):
+
+- :mod:`bnlib.numpy_bn`: the math in NumPy (forward, backward, inference, a layer).
+- :mod:`bnlib.nn`: ``BatchNorm1d/2d/3d`` for PyTorch with a hand-written backward.
+- :mod:`bnlib.fold`: fold an eval-mode batch norm into the layer before it.
+- :mod:`bnlib.gradcheck`: numerical gradients by central differences.
+- :mod:`bnlib.data`, :mod:`bnlib.models`, :mod:`bnlib.train`, :mod:`bnlib.plotting`,
+  :mod:`bnlib.repro`: data, networks, a training loop, figures and seeding for the book.
+- ``python -m bnlib.bench``: the speed benchmark against torch's native kernels.
+"""
+
+from .numpy_bn import (
+    BatchNorm,
+    batchnorm_backward,
+    batchnorm_backward_steps,
+    batchnorm_forward,
+    batchnorm_inference,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "batchnorm_backward",
+    "batchnorm_backward_steps",
+    "batchnorm_forward",
+    "batchnorm_inference",
+    "__version__",
+]

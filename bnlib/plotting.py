@@ -1,0 +1,148 @@
+"""The book's figure style, and small drawing helpers that take an ``ax`` and return it.
+
+Colours are fixed per meaning across the book: without batch norm is always grey-blue,
+with batch norm always orange, so a reader can tell them apart at a glance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+__all__ = [
+    "COLORS",
+    "use_book_style",
+    "plot_curves",
+    "plot_percentiles",
+    "draw_box",
+    "draw_arrow",
+    "draw_table",
+]
+
+COLORS = {
+    "none": "#4C72B0",  # without batch norm
+    "bn": "#DD8452",  # with batch norm
+    "dropout": "#55A868",
+    "bn+dropout": "#C44E52",
+    "torch": "#8172B3",
+    "accent": "#937860",
+    "grey": "#8C8C8C",
+}
+
+
+def use_book_style() -> None:
+    """Set matplotlib's defaults for the book: small PNG figures, readable labels."""
+    mpl.rcParams.update({
+        "figure.figsize": (6.4, 3.6),
+        "figure.dpi": 80,
+        "savefig.dpi": 80,
+        "figure.constrained_layout.use": True,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.titlesize": 11,
+        "axes.labelsize": 10,
+        "legend.fontsize": 9,
+        "legend.frameon": False,
+        "font.size": 10,
+        "lines.linewidth": 1.8,
+        "image.cmap": "viridis",
+        "svg.hashsalt": "bnlib",  # deterministic ids if a figure is saved as SVG
+    })
+
+
+def plot_curves(
+    ax: Axes,
+    steps: Sequence[float],
+    curves: dict[str, Sequence[float]],
+    xlabel: str = "training step",
+    ylabel: str = "",
+    colors: dict[str, str] | None = None,
+) -> Axes:
+    """One line per entry of ``curves`` (label -> values) against ``steps``."""
+    for label, values in curves.items():
+        color = (colors or {}).get(label)
+        ax.plot(steps, values, label=label, color=color)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if len(curves) > 1:
+        ax.legend()
+    return ax
+
+
+def plot_percentiles(
+    ax: Axes,
+    steps: Sequence[float],
+    percentiles: np.ndarray,
+    color: str,
+    label: str = "",
+) -> Axes:
+    """Percentile bands over training: ``percentiles`` is (len(steps), 3), e.g. the
+    15th, 50th and 85th percentiles of an activation; the median is a solid line and
+    the outer two are thinner lines with the band between them shaded."""
+    p = np.asarray(percentiles)
+    if p.ndim != 2 or p.shape[1] != 3 or p.shape[0] != len(steps):
+        raise ValueError(f"percentiles must be ({len(steps)}, 3), got {p.shape}")
+    ax.fill_between(steps, p[:, 0], p[:, 2], color=color, alpha=0.2, lw=0)
+    ax.plot(steps, p[:, 1], color=color, label=label)
+    ax.plot(steps, p[:, 0], color=color, lw=0.8)
+    ax.plot(steps, p[:, 2], color=color, lw=0.8)
+    return ax
+
+
+def draw_box(
+    ax: Axes,
+    xy: tuple[float, float],
+    text: str,
+    width: float = 1.6,
+    height: float = 0.8,
+    color: str = "#EAEAF2",
+    fontsize: float = 10,
+) -> Axes:
+    """A rounded box centred at ``xy`` with ``text`` in it (for diagrams)."""
+    x, y = xy
+    ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width, height,
+                                boxstyle="round,pad=0.05", fc=color, ec="#444444"))
+    ax.text(x, y, text, ha="center", va="center", fontsize=fontsize)
+    return ax
+
+
+def draw_arrow(
+    ax: Axes, start: tuple[float, float], end: tuple[float, float], text: str = ""
+) -> Axes:
+    """An arrow from ``start`` to ``end``, with an optional label above its middle."""
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14,
+                                 color="#444444", lw=1.2))
+    if text:
+        mx, my = (start[0] + end[0]) / 2, (start[1] + end[1]) / 2
+        ax.text(mx, my + 0.12, text, ha="center", va="bottom", fontsize=9)
+    return ax
+
+
+def draw_table(
+    ax: Axes,
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    col_widths: Sequence[float] | None = None,
+    highlight: dict[int, str] | None = None,
+) -> Axes:
+    """A drawn table (header row shaded); ``highlight`` maps row index -> face colour."""
+    ax.axis("off")
+    table = ax.table(cellText=[list(r) for r in rows], colLabels=list(header),
+                     colWidths=col_widths, loc="center", cellLoc="left")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.scale(1, 1.5)
+    for (r, _c), cell in table.get_celld().items():
+        cell.set_edgecolor("#BBBBBB")
+        if r == 0:
+            cell.set_facecolor("#EAEAF2")
+            cell.set_text_props(weight="bold")
+        elif highlight and (r - 1) in highlight:
+            cell.set_facecolor(highlight[r - 1])
+    return ax

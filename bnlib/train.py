@@ -1,0 +1,110 @@
+"""A small, deterministic training loop that returns its history.
+
+Same seed, same data, same model initialization: the same numbers on every run, so
+paired experiments (with and without batch norm) differ only in what they compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import Split, batches
+
+__all__ = ["evaluate", "fit"]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
+) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` in eval mode on (x, y).
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        loss, correct = 0.0, 0
+        for i in range(0, len(x), batch_size):
+            logits = model(x[i : i + batch_size])
+            yb = y[i : i + batch_size]
+            loss += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
+            correct += (logits.argmax(1) == yb).sum().item()
+    finally:
+        model.train(was_training)
+    return loss / len(x), correct / len(x)
+
+
+def fit(
+    model: nn.Module,
+    data: Split,
+    *,
+    steps: int,
+    batch_size: int = 60,
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    optimizer: str = "sgd",
+    eval_every: int = 100,
+    seed: int = 0,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+) -> dict[str, list[float]]:
+    """Train ``model`` with cross-entropy for ``steps`` mini-batch steps.
+
+    ``data`` is a :class:`~bnlib.data.Split` of tensors (see ``data.to_tensors``).
+    Every ``eval_every`` steps (and at the end) records, in the returned dict:
+    ``step``, ``train_loss`` (mean over the steps since the last record), ``test_loss``,
+    ``test_acc`` and ``train_acc`` (eval mode on the training set). Training stops early,
+    recording ``nan``, if the loss becomes non-finite. ``on_step(step, model)`` is called
+    after every optimizer step (e.g. to record activations).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                              weight_decay=weight_decay)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    x, y = data.x_train, data.y_train
+    history: dict[str, list[float]] = {k: [] for k in
+                                       ("step", "train_loss", "test_loss", "test_acc",
+                                        "train_acc")}
+
+    def record(step: int, losses: list[float]) -> None:
+        test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+        _, train_acc = evaluate(model, x, y)
+        history["step"].append(step)
+        history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        history["test_loss"].append(test_loss)
+        history["test_acc"].append(test_acc)
+        history["train_acc"].append(train_acc)
+
+    model.train()
+    step, epoch, losses = 0, 0, []
+    while step < steps:
+        for idx in batches(len(x), batch_size, seed=seed * 100_003 + epoch):
+            logits = model(x[idx])
+            loss = nn.functional.cross_entropy(logits, y[idx])
+            if not torch.isfinite(loss):
+                record(step, [float("nan")])
+                return history
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            if on_step is not None:
+                on_step(step, model)
+            if step % eval_every == 0 or step == steps:
+                record(step, losses)
+                losses = []
+            if step == steps:
+                break
+        epoch += 1
+    return history
