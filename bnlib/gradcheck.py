@@ -1,8 +1,10 @@
-"""Numerical gradients by central differences, to check the hand-derived backward passes.
+"""Numerical gradients by central differences, to check the hand-derived backward
+passes.
 
 For a function ``f`` and an upstream gradient ``dout`` the loss is ``sum(f(x) * dout)``;
-its derivative in each coordinate is estimated as ``(L(x + h e_i) - L(x - h e_i)) / 2h``,
-with error O(h^2). Use float64: in float32 the rounding of ``L`` swamps the estimate.
+its derivative in each coordinate is estimated as
+``(L(x + h e_i) - L(x - h e_i)) / 2h``, with error O(h^2). Use float64: in float32 the
+rounding of ``L`` swamps the estimate.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ def numerical_gradient(
 ) -> np.ndarray:
     """Central-difference gradient of ``sum(f(x) * dout)`` with respect to ``x``.
 
-    Inputs: ``f`` maps an array shaped like ``x`` to an array shaped like ``dout``; ``x``
-    is perturbed in place one entry at a time and restored (also if ``f`` raises).
+    Inputs: ``f`` maps an array shaped like ``x`` to an array shaped like ``dout``;
+    ``x`` is perturbed in place one entry at a time and restored (also if ``f`` raises).
     Returns an array shaped like ``x``.
     """
     if x.dtype != np.float64:

@@ -51,6 +51,8 @@ def mlp(
     """
     if len(sizes) < 2:
         raise ValueError(f"sizes needs an input and an output size, got {sizes}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if activation not in _ACTIVATIONS:
         raise ValueError(
             f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}"
@@ -78,14 +80,16 @@ def cnn(
     seed: int = 0,
     **norm_kwargs,
 ) -> nn.Sequential:
-    """A small convolutional network: ``[Conv3x3 -> norm -> ReLU -> MaxPool2]`` per entry
-    of ``channels``, then a linear classifier. For 8 x 8 digits or 28 x 28 MNIST."""
+    """A small convolutional network: ``[Conv3x3 -> norm -> ReLU -> MaxPool2]`` per
+    entry of ``channels``, then a linear classifier. For 8 x 8 digits or 28 x 28
+    MNIST."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     c_in, size = in_channels, image_size
     for c_out in channels:
         layers += [nn.Conv2d(c_in, c_out, 3, padding=1),
-                   norm_layer(norm, c_out, 2, **norm_kwargs), nn.ReLU(), nn.MaxPool2d(2)]
+                   norm_layer(norm, c_out, 2, **norm_kwargs),
+                   nn.ReLU(), nn.MaxPool2d(2)]
         c_in, size = c_out, size // 2
     layers += [nn.Flatten(), nn.Linear(c_in * size * size, num_classes)]
     return nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])

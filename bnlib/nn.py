@@ -1,20 +1,23 @@
-"""Batch-norm modules for PyTorch with a hand-written backward: drop-in for ``torch.nn``'s.
+"""Batch-norm modules for PyTorch with a hand-written backward: drop-in for
+``torch.nn``'s.
 
-``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d`` take the same constructor arguments,
-hold the same parameters and buffers (so their ``state_dict`` loads into torch's and back),
-and give the same outputs, gradients and running statistics as ``torch.nn.BatchNorm*``.
-The difference is that the math is ours, in plain tensor operations, and the backward pass
-is the closed form of the book's backward chapter, in :class:`BatchNormFunction`:
+``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d`` take the same constructor
+arguments, hold the same parameters and buffers (so their ``state_dict`` loads into
+torch's and back), and give the same outputs, gradients and running statistics as
+``torch.nn.BatchNorm*``. The difference is that the math is ours, in plain tensor
+operations, and the backward pass is the closed form of the book's backward chapter, in
+:class:`BatchNormFunction`:
 
     forward:   y  = gamma * (x - mu) * inv_std + beta,   inv_std = 1 / sqrt(var + eps)
     backward:  dx = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))
                dgamma = sum(dy * x_hat),   dbeta = sum(dy)
 
-(in eval mode mu and var are the running statistics, constants, and dx = gamma*inv_std*dy).
+(in eval mode mu and var are the running statistics, constants, and
+dx = gamma*inv_std*dy).
 
 One deliberate difference from torch: a call that raises changes no state. torch bumps
-``num_batches_tracked`` before its kernel checks the channel count; here every check runs
-before anything is written.
+``num_batches_tracked`` before its kernel checks the channel count; here every check
+runs before anything is written.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BatchNormFunction", "batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNormFunction", "batch_norm",
+           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _REDUCED = (torch.float16, torch.bfloat16)  # computed in float32, like torch
 
@@ -31,12 +35,14 @@ _CHUNK_BYTES = 1 << 19  # a chunk of this size, and its temporaries, stay in L2 
 
 
 def _reduce_dims(x: Tensor) -> list[int]:
-    """Every dimension but the channel dimension 1: (N, C, *spatial) -> [0, 2, 3, ...]."""
+    """Every dimension but the channel dimension 1:
+    (N, C, *spatial) -> [0, 2, 3, ...]."""
     return [0] + list(range(2, x.dim()))
 
 
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
-    """View a (C,) vector as (C, 1, ..., 1), to broadcast against x of shape (N, C, ...)."""
+    """View a (C,) vector as (C, 1, ..., 1), to broadcast against x of shape
+    (N, C, ...)."""
     return v.view([-1] + [1] * (x.dim() - 2))
 
 
@@ -72,9 +78,10 @@ def _rows(v: Tensor, x: Tensor) -> Tensor | None:
 
     PyTorch's CPU kernels vectorize a three-operand op (addcmul) only when at most one
     operand is broadcast along the innermost dimension. For (N, C, *spatial) input a
-    per-channel vector is broadcast along it, and the op runs element by element. Viewing
-    x as (N, C, L / k, k) and v as (C, 1, k) rows keeps every operand contiguous along
-    the innermost k, and the op runs at memory speed. Returns None where no k fits.
+    per-channel vector is broadcast along it, and the op runs element by element.
+    Viewing x as (N, C, L / k, k) and v as (C, 1, k) rows keeps every operand contiguous
+    along the innermost k, and the op runs at memory speed. Returns None where no k
+    fits.
     """
     if x.dim() == 2 or not x.is_contiguous():
         return None  # (N, C) and channels_last: C is innermost, v is contiguous there
@@ -85,7 +92,8 @@ def _rows(v: Tensor, x: Tensor) -> Tensor | None:
     return v.view(-1, 1, 1).expand(-1, 1, k).contiguous()  # (C, 1, k)
 
 
-def _affine(t: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
+def _affine(t: Tensor, scale: Tensor, shift: Tensor,
+            out: Tensor | None = None) -> Tensor:
     """Per channel, t * scale + shift in one pass: (N, C, *spatial), (C,), (C,)."""
     scale_rows, shift_rows = _rows(scale, t), _rows(shift, t)
     if scale_rows is None:
@@ -104,10 +112,10 @@ class BatchNormFunction(torch.autograd.Function):
     """Batch norm with its backward pass written out by hand.
 
     ``apply(x, weight, bias, mean, var, training, eps) -> (y, batch_mean, batch_var)``.
-    In training ``mean`` and ``var`` are ignored (pass None) and the batch statistics are
-    used and returned; in eval the given (running) statistics are used and returned.
-    ``weight`` and ``bias`` may be None (no affine transform). Half and bfloat16 inputs are
-    computed in float32 and returned in their own dtype, as torch does.
+    In training ``mean`` and ``var`` are ignored (pass None) and the batch statistics
+    are used and returned; in eval the given (running) statistics are used and returned.
+    ``weight`` and ``bias`` may be None (no affine transform). Half and bfloat16 inputs
+    are computed in float32 and returned in their own dtype, as torch does.
     """
 
     @staticmethod
@@ -147,7 +155,8 @@ class BatchNormFunction(torch.autograd.Function):
         k_dy = gamma * inv_std  # d y / d x_hat * d x_hat / d x, holding mu, var fixed
         dx = None
         if need_dx and ctx.training:
-            # dx = k_dy * (dy - dbeta / M - x_hat * dgamma / M), x_hat = (x - mu) * inv_std
+            # dx = k_dy * (dy - dbeta / M - x_hat * dgamma / M),
+            # x_hat = (x - mu) * inv_std
             k_xc = -k_dy * inv_std * dgamma / m
             k_0 = -k_dy * dbeta / m
             dx = xf - _bcast(mean, xf)  # x - mu
@@ -156,7 +165,8 @@ class BatchNormFunction(torch.autograd.Function):
         elif need_dx:  # eval: mu and var are constants
             dx = (dy * _bcast(k_dy, xf)).to(x.dtype)
         dw = dgamma.to(weight.dtype) if need_dw else None
-        db = dbeta.to(weight.dtype if weight is not None else dy.dtype) if need_db else None
+        db_dtype = weight.dtype if weight is not None else dy.dtype
+        db = dbeta.to(db_dtype) if need_db else None
         return dx, dw, db, None, None, None, None
 
 
@@ -190,7 +200,9 @@ def _check_args(x, running_mean, running_var, weight, bias, training, eps) -> No
             )
     _check_dtypes(x, weight if weight is not None else running_mean)
     if not training and (running_mean is None or running_var is None):
-        raise ValueError("eval mode needs running_mean and running_var (or training=True)")
+        raise ValueError(
+            "eval mode needs running_mean and running_var (or training=True)"
+        )
     if training:
         if c and x.numel() // c == 1:
             raise ValueError(
@@ -198,7 +210,9 @@ def _check_args(x, running_mean, running_var, weight, bias, training, eps) -> No
                 f"{tuple(x.shape)}"
             )
         if not eps > 0:
-            raise ValueError(f"batch_norm eps must be positive during training, got {eps}")
+            raise ValueError(
+                f"batch_norm eps must be positive during training, got {eps}"
+            )
 
 
 def batch_norm(
@@ -218,7 +232,8 @@ def batch_norm(
     batch variance. Every check runs before any state is written.
     """
     _check_args(x, running_mean, running_var, weight, bias, training, eps)
-    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _batch_norm(x, running_mean, running_var, weight, bias, training,
+                       momentum, eps)
 
 
 def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
@@ -243,7 +258,8 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
 
 
 class _BatchNorm(nn.Module):
-    """Common code of BatchNorm1d/2d/3d; the same fields as ``torch.nn``'s _BatchNorm."""
+    """Common code of BatchNorm1d/2d/3d; the same fields as ``torch.nn``'s
+    _BatchNorm."""
 
     _version = 2
     _expected_dims: tuple[int, ...] = ()
@@ -307,7 +323,8 @@ class _BatchNorm(nn.Module):
         if x.dim() not in self._expected_dims:
             want = " or ".join(f"{d}D" for d in self._expected_dims)
             raise ValueError(
-                f"expected {want} input (got {x.dim()}D input of shape {tuple(x.shape)})"
+                f"expected {want} input "
+                f"(got {x.dim()}D input of shape {tuple(x.shape)})"
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -319,6 +336,13 @@ class _BatchNorm(nn.Module):
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
+        if x.shape[1] != self.num_features and (self.weight is not None
+                                                or running_mean is not None):
+            raise RuntimeError(
+                f"expected input with {self.num_features} channels, shape (N, "
+                f"{self.num_features}, ...), got {x.shape[1]} channels in an input of "
+                f"shape {tuple(x.shape)}"
+            )
         _check_args(x, running_mean, running_var, self.weight, self.bias, bn_training,
                     self.eps)
 
@@ -352,7 +376,8 @@ class _BatchNorm(nn.Module):
 
 
 class BatchNorm1d(_BatchNorm):
-    """Batch norm over (N, C) or (N, C, L) input; drop-in for ``torch.nn.BatchNorm1d``."""
+    """Batch norm over (N, C) or (N, C, L) input; drop-in for
+    ``torch.nn.BatchNorm1d``."""
 
     _expected_dims = (2, 3)
 

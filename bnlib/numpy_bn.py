@@ -1,7 +1,8 @@
 """Batch normalization in NumPy: the forward pass, its backward pass and inference.
 
 This is the math of Ioffe & Szegedy (2015), written so that a reader can check each line
-against the book's equations, and so that it runs about as fast as PyTorch's own CPU kernel.
+against the book's equations, and so that it runs about as fast as PyTorch's own CPU
+kernel.
 
 For an input ``x`` of shape ``(N, C)`` or ``(N, C, *spatial)``, statistics are taken per
 channel ``c`` over the ``M = N * prod(spatial)`` values that share that channel:
@@ -21,10 +22,11 @@ Conventions follow PyTorch: normalize with the biased variance, store the unbias
 (``var * M / (M - 1)``) in ``running_var``, and update running statistics with
 ``running = (1 - momentum) * running + momentum * batch_stat``.
 
-Numerical stability: the variance is computed in two passes, ``mean((x - mu) ** 2)``, never as
-``mean(x ** 2) - mu ** 2``, which cancels catastrophically when ``|mu| >> std``. Speed: the
-work is done in blocks of samples small enough to stay in the CPU cache, with ``out=`` and
-in-place operations so that large temporaries are never allocated.
+Numerical stability: the variance is computed in two passes, ``mean((x - mu) ** 2)``,
+never as ``mean(x ** 2) - mu ** 2``, which cancels catastrophically when
+``|mu| >> std``. Speed: the work is done in blocks of samples small enough to stay in
+the CPU cache, with ``out=`` and in-place operations so that large temporaries are never
+allocated.
 """
 
 from __future__ import annotations
@@ -140,6 +142,19 @@ def _channel_sum(t: np.ndarray) -> np.ndarray:
     return t.sum(axis=2).sum(axis=0)  # pairwise sums along the contiguous axis
 
 
+def _channel_mean(x3: np.ndarray) -> np.ndarray:
+    """Per-channel mean of (N, C, L): (C,), accurate to about one rounding of x's dtype.
+
+    NumPy sums a contiguous axis pairwise (error ~ log(L)), but sums over the sample
+    axis one row after another (error ~ N). For (N, C) input that is the only axis, so
+    the float32 sum is accumulated in float64 there; the result keeps x's dtype.
+    """
+    m = x3.shape[0] * x3.shape[2]
+    if x3.shape[2] == 1:
+        return (x3[:, :, 0].sum(axis=0, dtype=np.float64) / m).astype(x3.dtype)
+    return _channel_sum(x3) / x3.dtype.type(m)
+
+
 def batch_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel batch mean and biased variance, two-pass: (N, C, ...) -> (C,), (C,).
 
@@ -149,7 +164,7 @@ def batch_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     _check_input(x)
     x3 = _as_ncl(x)
     m = x3.shape[0] * x3.shape[2]
-    mu = _channel_sum(x3) / x.dtype.type(m)  # (N, C, L) -> (C,)
+    mu = _channel_mean(x3)  # (N, C, L) -> (C,)
     sq = np.zeros_like(mu)
     tmp = np.empty_like(x3[_blocks(x3)[0]]) if x3.size else None
     for blk in _blocks(x3):
@@ -161,7 +176,7 @@ def batch_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mu, var
 
 
-# --------------------------------------------------------------------------- forward and backward
+# ----------------------------------------------------------------- forward and backward
 
 
 def batchnorm_forward(
@@ -174,8 +189,9 @@ def batchnorm_forward(
     - gamma, beta: (C,) scale and shift (cast to x's dtype)
     - eps: added to the variance before the square root, > 0
 
-    Returns ``(y, cache)``: ``y = gamma * (x - mu) / sqrt(var + eps) + beta``, same shape
-    and dtype as ``x``; ``cache`` (a :class:`Cache`) holds what the backward pass needs.
+    Returns ``(y, cache)``: ``y = gamma * (x - mu) / sqrt(var + eps) + beta``, same
+    shape and dtype as ``x``; ``cache`` (a :class:`Cache`) holds what the backward pass
+    needs.
     """
     _check_input(x)
     c = x.shape[1]
@@ -188,7 +204,7 @@ def batchnorm_forward(
 
     x3 = _as_ncl(x)  # (N, C, L)
     m = x3.shape[0] * x3.shape[2]  # values per channel
-    mu = _channel_sum(x3) / x.dtype.type(m)  # (N, C, L) -> (C,)
+    mu = _channel_mean(x3)  # (N, C, L) -> (C,)
     y3 = np.empty_like(x3)  # holds x - mu first, then y
     blocks = _blocks(x3)
     tmp = np.empty_like(x3[blocks[0]])
@@ -311,9 +327,10 @@ def batchnorm_inference(
 ) -> np.ndarray:
     """Eval-mode batch norm: normalize with saved statistics, one example at a time.
 
-    Inputs: ``x`` (N, C, *spatial); ``gamma``, ``beta``, ``running_mean``, ``running_var``
-    (C,). Returns ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``. Each
-    output depends on its own input only, never on the rest of the batch.
+    Inputs: ``x`` (N, C, *spatial); ``gamma``, ``beta``, ``running_mean``,
+    ``running_var`` (C,). Returns
+    ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``. Each output depends
+    on its own input only, never on the rest of the batch.
     """
     _check_input(x)
     c = x.shape[1]
@@ -347,8 +364,8 @@ class BatchNorm:
         running_var  = (1 - momentum) * running_var  + momentum * var * M / (M - 1)
 
     ``momentum=None`` gives the cumulative average (momentum = 1 / num_batches_tracked).
-    In eval mode it normalizes with the running statistics. ``backward(dy)`` returns ``dx``
-    and stores ``dgamma`` and ``dbeta``. A call that raises changes nothing.
+    In eval mode it normalizes with the running statistics. ``backward(dy)`` returns
+    ``dx`` and stores ``dgamma`` and ``dbeta``. A call that raises changes nothing.
     """
 
     def __init__(
@@ -359,7 +376,9 @@ class BatchNorm:
         dtype: np.dtype | type = np.float64,
     ) -> None:
         if not (isinstance(num_features, (int, np.integer)) and num_features > 0):
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+            raise ValueError(
+                f"num_features must be a positive int, got {num_features!r}"
+            )
         _check_eps(eps)
         if momentum is not None and not 0 <= momentum <= 1:
             raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")

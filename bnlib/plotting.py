@@ -131,7 +131,8 @@ def draw_table(
     col_widths: Sequence[float] | None = None,
     highlight: dict[int, str] | None = None,
 ) -> Axes:
-    """A drawn table (header row shaded); ``highlight`` maps row index -> face colour."""
+    """A drawn table (header row shaded); ``highlight`` maps row index -> face
+    colour."""
     ax.axis("off")
     table = ax.table(cellText=[list(r) for r in rows], colLabels=list(header),
                      colWidths=col_widths, loc="center", cellLoc="left")

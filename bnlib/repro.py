@@ -26,7 +26,8 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 def setup(seed: int = 0, threads: int = 1) -> np.random.Generator:
-    """Prepare a notebook: ``threads`` threads, deterministic kernels, seeded generators.
+    """Prepare a notebook: ``threads`` threads, deterministic kernels, seeded
+    generators.
 
     Returns a NumPy Generator seeded with ``seed`` for the notebook's own sampling.
     """

@@ -58,9 +58,9 @@ def fit(
     ``data`` is a :class:`~bnlib.data.Split` of tensors (see ``data.to_tensors``).
     Every ``eval_every`` steps (and at the end) records, in the returned dict:
     ``step``, ``train_loss`` (mean over the steps since the last record), ``test_loss``,
-    ``test_acc`` and ``train_acc`` (eval mode on the training set). Training stops early,
-    recording ``nan``, if the loss becomes non-finite. ``on_step(step, model)`` is called
-    after every optimizer step (e.g. to record activations).
+    ``test_acc`` and ``train_acc`` (eval mode on the training set). Training stops
+    early, recording ``nan``, if the loss becomes non-finite. ``on_step(step, model)``
+    is called after every optimizer step (e.g. to record activations).
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")

@@ -1,0 +1,28 @@
+"""Sphinx extension: drop duplicate <script> entries from each page.
+
+sphinx-thebe registers its inline configuration script once per reading pass, and
+sphinxcontrib-bibtex triggers a second pass, so pages received the same
+``const THEBE_JS_URL = ...`` twice, a JavaScript error ("already been declared") in
+every browser console. Keep the first of each identical script.
+"""
+
+from __future__ import annotations
+
+
+def _dedup(app, pagename, templatename, context, doctree) -> None:
+    scripts = context.get("script_files")
+    if not scripts:
+        return
+    seen, unique = set(), []
+    for js in scripts:
+        key = (str(getattr(js, "filename", js)),
+               repr(sorted(getattr(js, "attributes", {}).items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append(js)
+    context["script_files"] = unique
+
+
+def setup(app):
+    app.connect("html-page-context", _dedup, priority=900)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}

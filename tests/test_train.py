@@ -1,0 +1,66 @@
+"""bnlib.train: deterministic, records its history, and actually trains."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bnlib import data, models
+from bnlib.train import evaluate, fit
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.to_tensors(data.load_digits())
+
+
+def test_fit_is_deterministic_and_learns(digits):
+    runs = [fit(models.mlp([64, 32, 10], norm="bnlib", seed=0), digits, steps=120,
+                batch_size=32, lr=0.1, eval_every=40, seed=0) for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert runs[0]["step"] == [40, 80, 120]
+    assert set(runs[0]) == {"step", "train_loss", "test_loss", "test_acc", "train_acc"}
+    assert runs[0]["test_acc"][-1] > 0.85  # 120 steps are enough on 8x8 digits
+
+
+def test_bn_trains_faster_than_plain_sigmoid_net(digits):
+    """The book's first purpose in miniature: same seed, same batches."""
+    acc = {norm: fit(models.mlp([64, 32, 32, 10], norm=norm, seed=0), digits, steps=100,
+                     batch_size=32, lr=0.5, eval_every=100)["test_acc"][-1]
+           for norm in ("none", "bnlib")}
+    assert acc["bnlib"] > acc["none"] + 0.1
+
+
+def test_divergence_stops_with_nan(digits):
+    history = fit(models.mlp([64, 16, 10], seed=0), digits,
+                  steps=200, lr=1e38, eval_every=50)
+    assert math.isnan(history["train_loss"][-1]) and history["step"][-1] < 200
+
+
+def test_evaluate_restores_mode(digits):
+    model = models.mlp([64, 16, 10], norm="bnlib").train()
+    loss, acc = evaluate(model, digits.x_test, digits.y_test)
+    assert model.training and 0 <= acc <= 1 and loss > 0
+    model.eval()
+    evaluate(model, digits.x_test, digits.y_test)
+    assert not model.training
+
+
+def test_on_step_and_errors(digits):
+    seen = []
+    fit(models.mlp([64, 10]), digits, steps=5, on_step=lambda s, m: seen.append(s))
+    assert seen == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="steps"):
+        fit(models.mlp([64, 10]), digits, steps=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        fit(models.mlp([64, 10]), digits, steps=1, optimizer="lbfgs")
+    assert isinstance(fit(models.mlp([64, 10]), digits, steps=2, optimizer="adam",
+                          lr=1e-3)["test_acc"][0], float)
+
+
+def test_models_run_under_no_grad_in_eval(digits):
+    model = models.mlp([64, 16, 10], norm="torch").eval()
+    with torch.no_grad():
+        assert model(digits.x_test[:1]).shape == (1, 10)
