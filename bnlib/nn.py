@@ -1,19 +1,18 @@
 """Batch-norm modules for PyTorch with a hand-written backward: drop-in for
 ``torch.nn``'s.
 
-``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d`` take the same constructor
-arguments, hold the same parameters and buffers (so their ``state_dict`` loads into
-torch's and back), and give the same outputs, gradients and running statistics as
-``torch.nn.BatchNorm*``. The difference is that the math is ours, in plain tensor
-operations, and the backward pass is the closed form of the book's backward chapter, in
-:class:`BatchNormFunction`:
+``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d`` subclass ``torch.nn``'s, so they
+take the same constructor arguments, hold the same parameters and buffers (their
+``state_dict`` loads into torch's and back), and pass ``isinstance`` checks. Only the
+computation is replaced: the math is ours, in plain tensor operations, and the backward
+pass is the closed form of the book's backward chapter, in :class:`BatchNormFunction`:
 
     forward:   y  = gamma * (x - mu) * inv_std + beta,   inv_std = 1 / sqrt(var + eps)
     backward:  dx = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))
                dgamma = sum(dy * x_hat),   dbeta = sum(dy)
 
 (in eval mode mu and var are the running statistics, constants, and
-dx = gamma*inv_std*dy).
+dx = gamma * inv_std * dy). Outputs, gradients and running statistics equal torch's.
 
 One deliberate difference from torch: a call that raises changes no state. torch bumps
 ``num_batches_tracked`` before its kernel checks the channel count; here every check
@@ -43,7 +42,12 @@ def _reduce_dims(x: Tensor) -> list[int]:
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
     """View a (C,) vector as (C, 1, ..., 1), to broadcast against x of shape
     (N, C, ...)."""
-    return v.view([-1] + [1] * (x.dim() - 2))
+    return v if x.dim() == 2 else v.view([-1] + [1] * (x.dim() - 2))
+
+
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; t itself when it already is (skips a no-op call's overhead)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _channel_sum(t: Tensor) -> Tensor:
@@ -55,21 +59,21 @@ def _channel_sum(t: Tensor) -> Tensor:
     return t.sum(_reduce_dims(t))
 
 
-def _centered_dot(x: Tensor, mean: Tensor, other: Tensor | None = None) -> Tensor:
-    """Per channel, sum((x - mean) * other), or sum((x - mean) ** 2) if other is None.
+def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per channel, sum(a * b) over every dimension but 1: (N, C, ...) x2 -> (C,).
 
-    Works through x in chunks of samples so that (x - mean) only ever exists one
-    cache-sized chunk at a time: no temporary as large as x is allocated (on CPU a fresh
-    large allocation costs a page fault per 4 KiB, more than the arithmetic).
+    A large input is worked through in chunks of samples, so the product only ever
+    exists one cache-sized chunk at a time: on CPU a fresh allocation as large as the
+    input costs a page fault per 4 KiB, more than the arithmetic. A small input is done
+    in one go, where Python's per-op overhead is what counts.
     """
-    per_sample = max(1, x[0].numel() * x.element_size()) if x.shape[0] else 1
+    per_sample = a[0].numel() * a.element_size() if a.shape[0] else 0
+    if a.shape[0] * per_sample <= _CHUNK_BYTES:
+        return _channel_sum(a * b)
     rows = max(1, _CHUNK_BYTES // per_sample)
-    acc = torch.zeros_like(mean)
-    others = other.split(rows) if other is not None else [None] * len(x.split(rows))
-    for x_i, o_i in zip(x.split(rows), others, strict=True):
-        t = x_i - _bcast(mean, x_i)  # (n, C, ...) chunk of x - mu
-        t = t.mul_(t if o_i is None else o_i)
-        acc += _channel_sum(t)
+    acc = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
+    for a_i, b_i in zip(a.split(rows), b.split(rows), strict=True):
+        acc += _channel_sum(a_i * b_i)  # (n, C, ...) chunk -> (C,)
     return acc
 
 
@@ -124,49 +128,51 @@ class BatchNormFunction(torch.autograd.Function):
         m = x.numel() // x.shape[1]  # values per channel
         if training:
             mean = _channel_sum(xf) / m  # (N, C, ...) -> (C,)
-            var = _centered_dot(xf, mean) / m  # mean((x - mu)^2): biased, two-pass
+            y = xf - _bcast(mean, xf)  # x - mu, in the output's buffer
+            var = _channel_dot(y, y) / m  # mean((x - mu)^2): biased, two-pass
         else:
-            mean, var = mean.to(xf.dtype), var.to(xf.dtype)
+            mean, var = _to(mean, xf.dtype), _to(var, xf.dtype)
         inv_std = torch.rsqrt(var + eps)  # (C,)
-        gamma = torch.ones_like(inv_std) if weight is None else weight.to(xf.dtype)
-        beta = torch.zeros_like(inv_std) if bias is None else bias.to(xf.dtype)
-        scale = gamma * inv_std  # (C,)
-        if training:  # y = (x - mu) * scale + beta: centred first, exact for large mu
-            y = xf - _bcast(mean, xf)
-            y = _affine(y, scale, beta, out=y)
+        scale = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
+        if training:  # y = (x - mu) * scale + beta, in place: exact for large mu
+            if bias is None:
+                y = y.mul_(_bcast(scale, xf))
+            else:
+                y = _affine(y, scale, _to(bias, xf.dtype), out=y)
         else:  # y = x * scale + (beta - mu * scale): one pass, like torch's eval kernel
-            y = _affine(xf, scale, beta - mean * scale)
+            beta = torch.zeros_like(mean) if bias is None else _to(bias, xf.dtype)
+            shift = beta - mean * scale
+            y = _affine(xf, scale, shift)
         ctx.save_for_backward(x, weight, mean, inv_std)
         ctx.training = training
         ctx.mark_non_differentiable(mean, var)
-        return y.to(x.dtype), mean, var
+        return _to(y, x.dtype), mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         x, weight, mean, inv_std = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         xf = x.float() if x.dtype in _REDUCED else x
-        dy = dy.to(xf.dtype)
+        dy = _to(dy, xf.dtype)
         m = x.numel() // x.shape[1]
-        gamma = torch.ones_like(inv_std) if weight is None else weight.to(xf.dtype)
+        k_dy = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
 
         dbeta = _channel_sum(dy)  # sum(dy)
-        dgamma = _centered_dot(xf, mean, dy) * inv_std  # sum(dy * x_hat)
-        k_dy = gamma * inv_std  # d y / d x_hat * d x_hat / d x, holding mu, var fixed
+        xc = xf - _bcast(mean, xf)  # x - mu, in the buffer that becomes dx
+        dgamma = _channel_dot(xc, dy) * inv_std  # sum(dy * x_hat)
         dx = None
         if need_dx and ctx.training:
-            # dx = k_dy * (dy - dbeta / M - x_hat * dgamma / M),
-            # x_hat = (x - mu) * inv_std
-            k_xc = -k_dy * inv_std * dgamma / m
-            k_0 = -k_dy * dbeta / m
-            dx = xf - _bcast(mean, xf)  # x - mu
-            dx = _affine(dx, k_xc, k_0, out=dx)  # k_xc * (x - mu) + k_0
-            dx = dx.addcmul_(dy, _bcast(k_dy, xf)).to(x.dtype)  # + k_dy * dy
-        elif need_dx:  # eval: mu and var are constants
-            dx = (dy * _bcast(k_dy, xf)).to(x.dtype)
-        dw = dgamma.to(weight.dtype) if need_dw else None
+            # dx = k_dy * (dy - dbeta / M - x_hat * dgamma / M), x_hat = xc * inv_std,
+            # with k_dy = gamma * inv_std: dx = k_xc * xc + k_0 + k_dy * dy
+            k_xc = k_dy * inv_std * dgamma / -m
+            k_0 = k_dy * dbeta / -m
+            dx = _affine(xc, k_xc, k_0, out=xc)
+            dx = _to(dx.addcmul_(dy, _bcast(k_dy, xf)), x.dtype)
+        elif need_dx:  # eval: mu and var are constants, dx = gamma * inv_std * dy
+            dx = _to(dy * _bcast(k_dy, xf), x.dtype)
+        dw = _to(dgamma, weight.dtype) if need_dw else None
         db_dtype = weight.dtype if weight is not None else dy.dtype
-        db = dbeta.to(db_dtype) if need_db else None
+        db = _to(dbeta, db_dtype) if need_db else None
         return dx, dw, db, None, None, None, None
 
 
@@ -250,81 +256,35 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
         None if training else running_var, training, eps)
     if training and running_mean is not None and running_var is not None:
         m = x.numel() // x.shape[1]
-        with torch.no_grad():
+        with torch.no_grad():  # running = (1 - momentum) * running + momentum * stat
             unbiased_var = var * (m / (m - 1))  # store the unbiased variance
-            running_mean.copy_(running_mean * (1 - momentum) + mean * momentum)
-            running_var.copy_(running_var * (1 - momentum) + unbiased_var * momentum)
+            if isinstance(momentum, Tensor):  # momentum=None: 1 / num_batches_tracked
+                running_mean.mul_(1 - momentum).add_(mean * momentum)
+                running_var.mul_(1 - momentum).add_(unbiased_var * momentum)
+            else:
+                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+                running_var.mul_(1 - momentum).add_(unbiased_var, alpha=momentum)
     return y
 
 
-class _BatchNorm(nn.Module):
-    """Common code of BatchNorm1d/2d/3d; the same fields as ``torch.nn``'s
-    _BatchNorm."""
+class _BatchNorm:
+    """What BatchNorm1d/2d/3d add to their ``torch.nn`` base class: a ``forward`` that
+    runs bnlib's batch norm, checking everything before it changes any state.
 
-    _version = 2
+    Each module subclasses its ``torch.nn`` counterpart, so it has the same constructor,
+    parameters, buffers, ``state_dict`` and ``reset_*`` methods, and code that checks
+    ``isinstance(m, nn.BatchNorm2d)`` (weight-decay rules, ``update_bn``, fusion) treats
+    it as a batch norm; only the computation is replaced.
+    """
+
     _expected_dims: tuple[int, ...] = ()
-    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(0, dtype=torch.long, device=device),
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() not in self._expected_dims:
             want = " or ".join(f"{d}D" for d in self._expected_dims)
             raise ValueError(
-                f"expected {want} input "
-                f"(got {x.dim()}D input of shape {tuple(x.shape)})"
+                f"expected {want} input (got {x.dim()}D input of shape "
+                f"{tuple(x.shape)})"
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -356,39 +316,20 @@ class _BatchNorm(nn.Module):
         return _batch_norm(x, running_mean, running_var, self.weight, self.bias,
                            bn_training, factor, self.eps)
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                              missing_keys, unexpected_keys, error_msgs) -> None:
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats \
-                and key not in state_dict:
-            # checkpoints from before num_batches_tracked existed: start it at 0
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                      missing_keys, unexpected_keys, error_msgs)
-
-
-class BatchNorm1d(_BatchNorm):
-    """Batch norm over (N, C) or (N, C, L) input; drop-in for
-    ``torch.nn.BatchNorm1d``."""
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
+    """Batch norm over (N, C) or (N, C, L) input; drop-in for ``nn.BatchNorm1d``."""
 
     _expected_dims = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
-    """Batch norm over (N, C, H, W) input; drop-in for ``torch.nn.BatchNorm2d``."""
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
+    """Batch norm over (N, C, H, W) input; drop-in for ``nn.BatchNorm2d``."""
 
     _expected_dims = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
-    """Batch norm over (N, C, D, H, W) input; drop-in for ``torch.nn.BatchNorm3d``."""
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
+    """Batch norm over (N, C, D, H, W) input; drop-in for ``nn.BatchNorm3d``."""
 
     _expected_dims = (5,)

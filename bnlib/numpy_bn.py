@@ -395,6 +395,12 @@ class BatchNorm:
         self.dbeta: np.ndarray | None = None
         self._cache: Cache | None = None
 
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batches seen (as torch's)."""
+        self.running_mean = np.zeros_like(self.running_mean)
+        self.running_var = np.ones_like(self.running_var)
+        self.num_batches_tracked = 0
+
     def train(self, mode: bool = True) -> BatchNorm:
         self.training = bool(mode)
         return self

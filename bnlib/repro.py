@@ -35,7 +35,10 @@ def setup(seed: int = 0, threads: int = 1) -> np.random.Generator:
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    if torch.cuda.is_available():
+        # CPU kernels are deterministic on one thread; on CUDA some are not unless told.
+        # (On CPU the call is skipped: it imports the compiler stack, ~1-2 s.)
+        torch.use_deterministic_algorithms(True)
     np.set_printoptions(precision=4, suppress=True)
     torch.set_printoptions(precision=4, sci_mode=False)
     return seed_everything(seed)

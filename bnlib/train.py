@@ -51,6 +51,7 @@ def fit(
     optimizer: str = "sgd",
     eval_every: int = 100,
     seed: int = 0,
+    train_acc: bool = True,
     on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> dict[str, list[float]]:
     """Train ``model`` with cross-entropy for ``steps`` mini-batch steps.
@@ -58,9 +59,12 @@ def fit(
     ``data`` is a :class:`~bnlib.data.Split` of tensors (see ``data.to_tensors``).
     Every ``eval_every`` steps (and at the end) records, in the returned dict:
     ``step``, ``train_loss`` (mean over the steps since the last record), ``test_loss``,
-    ``test_acc`` and ``train_acc`` (eval mode on the training set). Training stops
-    early, recording ``nan``, if the loss becomes non-finite. ``on_step(step, model)``
-    is called after every optimizer step (e.g. to record activations).
+    ``test_acc`` and ``train_acc`` (eval mode on the training set; ``nan`` with
+    ``train_acc=False``, which saves scoring the whole training set at each record).
+    Training stops early, recording ``nan``, if the loss becomes non-finite.
+    ``on_step(step, model)`` is called after every optimizer step (e.g. to record
+    activations). torch's generator is seeded with ``seed`` (for dropout masks) and
+    the batches are drawn from ``seed``, so a run depends on its arguments alone.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -78,13 +82,14 @@ def fit(
 
     def record(step: int, losses: list[float]) -> None:
         test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
-        _, train_acc = evaluate(model, x, y)
+        acc = evaluate(model, x, y)[1] if train_acc else float("nan")
         history["step"].append(step)
         history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
         history["test_loss"].append(test_loss)
         history["test_acc"].append(test_acc)
-        history["train_acc"].append(train_acc)
+        history["train_acc"].append(acc)
 
+    torch.manual_seed(seed)  # dropout masks and any other torch randomness in training
     model.train()
     step, epoch, losses = 0, 0, []
     while step < steps:

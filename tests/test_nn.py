@@ -119,13 +119,15 @@ def test_state_dict_dtypes_default_float32():
 
 
 def test_old_checkpoint_without_num_batches_tracked_loads():
+    """A version-1 checkpoint (before num_batches_tracked existed) loads as in torch."""
     sd = torch.nn.BatchNorm1d(3).state_dict()
     del sd["num_batches_tracked"]
     sd._metadata = {"": {"version": 1}}
-    m = bnn.BatchNorm1d(3)
-    m.num_batches_tracked.fill_(7)
-    m.load_state_dict(sd)
-    assert m.num_batches_tracked.item() == 0
+    ours, ref = bnn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for m in (ours, ref):
+        m.num_batches_tracked.fill_(7)
+        m.load_state_dict(sd)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
 
 
 def test_reset_parameters_and_running_stats():
@@ -395,3 +397,16 @@ def test_torch_compile_fullgraph_aot_eager(momentum):
 @pytest.mark.slow
 def test_torch_compile_fullgraph_inductor():
     _compiled_matches_eager("inductor")
+
+
+def test_isinstance_of_torch_classes_and_update_bn():
+    """Code that looks for torch's batch norms finds bnlib's: swa_utils.update_bn
+    recomputes their statistics over a loader, like for torch's own."""
+    assert isinstance(bnn.BatchNorm2d(3), torch.nn.BatchNorm2d)
+    assert isinstance(bnn.BatchNorm1d(3), torch.nn.modules.batchnorm._BatchNorm)
+    data = [torch.randn(16, 4) * 2 + 1 for _ in range(5)]
+    ours, ref = bnn.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    for m in (ours, ref):
+        torch.optim.swa_utils.update_bn(data, m)
+    _assert_same_state(ours, ref, atol=1e-6)
+    torch.testing.assert_close(ours.running_mean, torch.cat(data).mean(0))

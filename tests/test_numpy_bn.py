@@ -254,3 +254,15 @@ def test_large_input_spans_several_blocks(rng):
     np.testing.assert_allclose(y, y_t, atol=1e-11)
     np.testing.assert_allclose(dx, dx_t, atol=1e-11)
     np.testing.assert_allclose(dgamma, dg_t, rtol=1e-10)
+
+
+def test_reset_running_stats(rng):
+    layer = nb.BatchNorm(3, momentum=None)
+    layer.forward(rng.standard_normal((8, 3)) + 2)
+    layer.reset_running_stats()
+    np.testing.assert_array_equal(layer.running_mean, 0)
+    np.testing.assert_array_equal(layer.running_var, 1)
+    assert layer.num_batches_tracked == 0
+    x = rng.standard_normal((8, 3))
+    layer.forward(x)  # momentum=None: the first batch's statistics exactly
+    np.testing.assert_allclose(layer.running_mean, x.mean(0), atol=1e-15)

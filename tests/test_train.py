@@ -64,3 +64,17 @@ def test_models_run_under_no_grad_in_eval(digits):
     model = models.mlp([64, 16, 10], norm="torch").eval()
     with torch.no_grad():
         assert model(digits.x_test[:1]).shape == (1, 10)
+
+
+def test_dropout_runs_depend_on_seed_alone(digits):
+    """fit seeds torch itself: dropout masks don't depend on what ran before."""
+    runs = []
+    for noise in (0, 5):
+        torch.randn(noise)  # move torch's generator by a different amount
+        model = models.mlp([64, 32, 10], dropout=0.5, activation="relu", seed=0)
+        runs.append(fit(model, digits, steps=30, eval_every=30, seed=3,
+                        train_acc=False))
+    assert runs[0] == runs[1] or all(
+        a == b or (math.isnan(a) and math.isnan(b))
+        for k in runs[0] for a, b in zip(runs[0][k], runs[1][k], strict=True))
+    assert math.isnan(runs[0]["train_acc"][0])
