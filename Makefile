@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS := 1
 
-.PHONY: help setup book test lint pytest check-book bench clean freeze
+.PHONY: help setup book test lint pytest nbval check-book execute bench clean freeze
 
 help:
 	@echo "make book   - set up .venv and build the HTML book into _build/html"
-	@echo "make test   - set up .venv and run every check (lint, pytest)"
-	@echo "make check-book - build the book and open every page in headless Chromium"
+	@echo "make test   - set up .venv and run every check: lint, pytest, nbval, the"
+	@echo "              book build (zero warnings) and the offline browser test"
+	@echo "make execute - re-run every chapter in place and print each one's time"
 	@echo "make bench  - run the speed benchmark (python -m bnlib.bench)"
 	@echo "make clean  - remove _build (keep .venv)"
 
@@ -22,30 +23,40 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
-# MathJax is served from the book's own files (from the jupyter-server-mathjax package on
-# PyPI), so that the HTML book typesets math with no network.
-MATHJAX := _vendor/mathjax/MathJax.js
+# MathJax 3 is served from the book's own files (from the sphinx-mathjax-offline package
+# on PyPI), so that the HTML book typesets math with no network. SVG output needs no
+# font files, so it works from file:// too.
+MATHJAX := _vendor/mathjax/tex-svg.js
 $(MATHJAX): $(STAMP)
-	$(BIN)/python -c "import jupyter_server_mathjax as m, pathlib, shutil; \
-	shutil.copytree(pathlib.Path(m.__file__).parent / 'static', '_vendor/mathjax', \
-	dirs_exist_ok=True)"
+	rm -rf _vendor/mathjax
+	$(BIN)/python -c "from importlib.metadata import distribution as d; import shutil; \
+	src = d('sphinx-mathjax-offline').locate_file('sphinx-mathjax-offline/static/mathjax'); \
+	shutil.copytree(src, '_vendor/mathjax', ignore=shutil.ignore_patterns('*.woff'))"
 
 book: $(STAMP) $(MATHJAX)
 	$(BIN)/jupyter-book build -W -n --keep-going .
 	@echo "The book is in _build/html/index.html"
 
 lint: $(STAMP)
-	$(BIN)/ruff check bnlib tests
+	$(BIN)/ruff check bnlib tests scripts
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest --ignore=tests/test_book_browser.py
 
-# The book's own checks (a zero-warning build, every page in headless Chromium with the
-# network off). They join `make test` together with the chapters (nbval) in Part I.
+# nbval re-executes every chapter and compares each output with the stored one.
+nbval: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider --nbval \
+	    --nbval-sanitize-with book/nbval-sanitize.cfg book/
+
+# The built book: every page in headless Chromium with the network off.
 check-book: book
 	$(BIN)/python -m pytest tests/test_book_browser.py
 
-test: lint pytest
+test: lint pytest nbval check-book
+
+# Re-run every chapter in place (after changing bnlib or a chapter), timing each.
+execute: $(STAMP)
+	$(BIN)/python scripts/execute_notebooks.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bnlib.bench

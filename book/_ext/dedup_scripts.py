@@ -1,9 +1,9 @@
 """Sphinx extension: drop duplicate <script> entries from each page.
 
-sphinx-thebe registers its inline configuration script once per reading pass, and
-sphinxcontrib-bibtex triggers a second pass, so pages received the same
-``const THEBE_JS_URL = ...`` twice, a JavaScript error ("already been declared") in
-every browser console. Keep the first of each identical script.
+sphinx-thebe registers its inline configuration script once per reading pass (with
+``filename=None``), and the theme registers it again (with ``filename=""``), so every page
+received ``const THEBE_JS_URL = ...`` twice: a JavaScript error ("already been declared")
+in every reader's browser console. Keep the first of each identical script.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def _dedup(app, pagename, templatename, context, doctree) -> None:
         return
     seen, unique = set(), []
     for js in scripts:
-        key = (str(getattr(js, "filename", js)),
+        key = (str(getattr(js, "filename", js) or ""),
                repr(sorted(getattr(js, "attributes", {}).items())))
         if key not in seen:
             seen.add(key)

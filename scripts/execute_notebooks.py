@@ -1,0 +1,74 @@
+"""Re-execute the book's notebooks in place, top to bottom, and time each one.
+
+    python scripts/execute_notebooks.py [book/01_premise.ipynb ...]
+
+Outputs are stored without timing metadata, so a re-run that prints the same numbers
+leaves the file unchanged (diff-friendly). Exits non-zero if a notebook fails, or runs
+over its budget (20 s each, 90 s for all of Part I, on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+BUDGET_EACH, BUDGET_ALL = 20.0, 90.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _merge_streams(outputs: list) -> list:
+    """Join consecutive stdout (or stderr) outputs into one, as Jupyter shows them."""
+    merged: list = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (out.output_type == "stream" and prev is not None
+                and prev.output_type == "stream" and prev.name == out.name):
+            prev.text += out.text
+        else:
+            merged.append(out)
+    return merged
+
+
+def execute(path: Path) -> float:
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=300, kernel_name="python3", record_timing=False,
+                            resources={"metadata": {"path": str(ROOT)}})
+    start = time.perf_counter()
+    client.execute()
+    seconds = time.perf_counter() - start
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = _merge_streams(cell.outputs)
+    nb.metadata.pop("widgets", None)
+    nbformat.write(nb, path)
+    return seconds
+
+
+def main(argv: list[str]) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    chapters = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+    paths = [Path(p) for p in argv] or chapters
+    total, over = 0.0, []
+    for path in paths:
+        seconds = execute(path)
+        total += seconds
+        over_budget = seconds > BUDGET_EACH
+        flag = f"  OVER the {BUDGET_EACH:.0f} s budget" if over_budget else ""
+        print(f"{path.name:40s} {seconds:6.1f} s{flag}", flush=True)
+        if flag:
+            over.append(path.name)
+    print(f"{'total':40s} {total:6.1f} s (budget {BUDGET_ALL:.0f} s)")
+    if over or (not argv and total > BUDGET_ALL):
+        print("over budget:", ", ".join(over) or "total", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
