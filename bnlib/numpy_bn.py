@@ -155,25 +155,32 @@ def _channel_mean(x3: np.ndarray) -> np.ndarray:
     return _channel_sum(x3) / x3.dtype.type(m)
 
 
-def batch_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel batch mean and biased variance, two-pass: (N, C, ...) -> (C,), (C,).
+def _centre(x3: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Write x - mu into ``out`` (x3's shape); return per-channel (mu, var), two-pass.
 
     ``var = mean((x - mu) ** 2)``: the deviations are formed before squaring, so a large
-    mean does not swamp the variance (no ``E[x^2] - E[x]^2`` cancellation).
+    mean does not swamp the variance (no ``E[x^2] - E[x]^2`` cancellation). Works block
+    by block, the squares in a cache-sized temporary.
     """
-    _check_input(x)
-    x3 = _as_ncl(x)
-    m = x3.shape[0] * x3.shape[2]
+    m = x3.shape[0] * x3.shape[2]  # values per channel
     mu = _channel_mean(x3)  # (N, C, L) -> (C,)
+    blocks = _blocks(x3)
+    tmp = np.empty_like(x3[blocks[0]])
     sq = np.zeros_like(mu)
-    tmp = np.empty_like(x3[_blocks(x3)[0]]) if x3.size else None
-    for blk in _blocks(x3):
-        t = tmp[: x3[blk].shape[0]]
-        np.subtract(x3[blk], mu[:, None], out=t)  # x - mu, in cache
-        np.multiply(t, t, out=t)  # (x - mu) ** 2
+    for blk in blocks:
+        xc, t = out[blk], tmp[: x3[blk].shape[0]]
+        np.subtract(x3[blk], mu[:, None], out=xc)  # x - mu
+        np.multiply(xc, xc, out=t)  # (x - mu) ** 2, in cache
         sq += _channel_sum(t)
-    var = sq / x.dtype.type(m)
-    return mu, var
+    return mu, sq / x3.dtype.type(m)  # biased variance
+
+
+def batch_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel batch mean and biased variance, two-pass: (N, C, ...) -> (C,) x2."""
+    _check_input(x)
+    _check_batch(x)
+    x3 = _as_ncl(x)
+    return _centre(x3, np.empty_like(x3))
 
 
 # ----------------------------------------------------------------- forward and backward
@@ -203,21 +210,11 @@ def batchnorm_forward(
     beta = np.asarray(beta, dtype=x.dtype)
 
     x3 = _as_ncl(x)  # (N, C, L)
-    m = x3.shape[0] * x3.shape[2]  # values per channel
-    mu = _channel_mean(x3)  # (N, C, L) -> (C,)
     y3 = np.empty_like(x3)  # holds x - mu first, then y
-    blocks = _blocks(x3)
-    tmp = np.empty_like(x3[blocks[0]])
-    sq = np.zeros_like(mu)
-    for blk in blocks:
-        xc, t = y3[blk], tmp[: x3[blk].shape[0]]
-        np.subtract(x3[blk], mu[:, None], out=xc)  # x - mu
-        np.multiply(xc, xc, out=t)  # (x - mu) ** 2, in cache
-        sq += _channel_sum(t)
-    var = sq / x.dtype.type(m)  # biased variance, two-pass
+    mu, var = _centre(x3, out=y3)  # (C,), (C,)
     inv_std = 1 / np.sqrt(var + x.dtype.type(eps))  # (C,)
     scale = gamma * inv_std  # (C,): gamma / sqrt(var + eps)
-    for blk in blocks:
+    for blk in _blocks(x3):
         out = y3[blk]
         out *= scale[:, None]  # gamma * x_hat
         out += beta[:, None]  # + beta
