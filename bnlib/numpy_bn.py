@@ -22,11 +22,11 @@ Conventions follow PyTorch: normalize with the biased variance, store the unbias
 (``var * M / (M - 1)``) in ``running_var``, and update running statistics with
 ``running = (1 - momentum) * running + momentum * batch_stat``.
 
-Numerical stability: the variance is computed in two passes, ``mean((x - mu) ** 2)``,
-never as ``mean(x ** 2) - mu ** 2``, which cancels catastrophically when
-``|mu| >> std``. Speed: the work is done in blocks of samples small enough to stay in
-the CPU cache, with ``out=`` and in-place operations so that large temporaries are never
-allocated.
+Numerical stability: the variance is computed from deviations, in two passes
+(``mean((x - mu) ** 2)``, with the mean corrected by the deviations' own mean), never
+as ``mean(x ** 2) - mu ** 2``, which cancels catastrophically when ``|mu| >> std``.
+Speed: the work is done in blocks of samples small enough to stay in the CPU cache, with
+``out=`` and in-place operations so that large temporaries are never allocated.
 """
 
 from __future__ import annotations
@@ -137,42 +137,47 @@ def _blocks(x3: np.ndarray):
 
 def _channel_sum(t: np.ndarray) -> np.ndarray:
     """Sum a (n, C, L) block over samples and positions: (n, C, L) -> (C,)."""
-    if t.shape[2] == 1:
-        return t[:, :, 0].sum(axis=0)
+    if t.shape[2] == 1:  # (n, C): a BLAS matrix-vector product, ones @ t
+        return np.ones(t.shape[0], dtype=t.dtype) @ t[:, :, 0]
     return t.sum(axis=2).sum(axis=0)  # pairwise sums along the contiguous axis
 
 
-def _channel_mean(x3: np.ndarray) -> np.ndarray:
-    """Per-channel mean of (N, C, L): (C,), accurate to about one rounding of x's dtype.
+def _channel_dot(a: np.ndarray, b: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """Per-channel sum(a * b) of two (n, C, L) blocks -> (C,); ``tmp`` is scratch."""
+    if a.shape[2] == 1:  # (n, C): no temporary needed
+        return np.einsum("nc,nc->c", a[:, :, 0], b[:, :, 0])
+    np.multiply(a, b, out=tmp)
+    return _channel_sum(tmp)
 
-    NumPy sums a contiguous axis pairwise (error ~ log(L)), but sums over the sample
-    axis one row after another (error ~ N). For (N, C) input that is the only axis, so
-    the float32 sum is accumulated in float64 there; the result keeps x's dtype.
+
+def _centre(
+    x3: np.ndarray, out: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance of (N, C, L), by the corrected two-pass
+    algorithm (Chan, Golub & LeVeque, 1983); ``out`` receives x - mu_1.
+
+    A first estimate ``mu_1 = mean(x)`` is subtracted; the deviations d = x - mu_1 are
+    small, so ``delta = mean(d)`` (the first estimate's rounding error) and
+    ``mean(d ** 2)`` are accurate, and
+
+        mu = mu_1 + delta,    var = mean(d ** 2) - delta ** 2.
+
+    ``delta`` is tiny, so the subtraction loses nothing: no ``E[x^2] - E[x]^2``
+    cancellation even when |mu| >> std. Returns (mu, var, delta), each (C,).
     """
-    m = x3.shape[0] * x3.shape[2]
-    if x3.shape[2] == 1:
-        return (x3[:, :, 0].sum(axis=0, dtype=np.float64) / m).astype(x3.dtype)
-    return _channel_sum(x3) / x3.dtype.type(m)
-
-
-def _centre(x3: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Write x - mu into ``out`` (x3's shape); return per-channel (mu, var), two-pass.
-
-    ``var = mean((x - mu) ** 2)``: the deviations are formed before squaring, so a large
-    mean does not swamp the variance (no ``E[x^2] - E[x]^2`` cancellation). Works block
-    by block, the squares in a cache-sized temporary.
-    """
-    m = x3.shape[0] * x3.shape[2]  # values per channel
-    mu = _channel_mean(x3)  # (N, C, L) -> (C,)
+    m = x3.dtype.type(x3.shape[0] * x3.shape[2])  # values per channel
+    mu_1 = _channel_sum(x3) / m  # (N, C, L) -> (C,)
     blocks = _blocks(x3)
     tmp = np.empty_like(x3[blocks[0]])
-    sq = np.zeros_like(mu)
+    d_sum, d_sq = np.zeros_like(mu_1), np.zeros_like(mu_1)
     for blk in blocks:
-        xc, t = out[blk], tmp[: x3[blk].shape[0]]
-        np.subtract(x3[blk], mu[:, None], out=xc)  # x - mu
-        np.multiply(xc, xc, out=t)  # (x - mu) ** 2, in cache
-        sq += _channel_sum(t)
-    return mu, sq / x3.dtype.type(m)  # biased variance
+        d = out[blk]
+        np.subtract(x3[blk], mu_1[:, None], out=d)  # x - mu_1, block by block
+        d_sum += _channel_sum(d)
+        d_sq += _channel_dot(d, d, tmp[: d.shape[0]])
+    delta = d_sum / m
+    var = np.maximum(d_sq / m - delta * delta, 0)  # >= 0 also after rounding
+    return mu_1 + delta, var, delta
 
 
 def batch_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +185,8 @@ def batch_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     _check_input(x)
     _check_batch(x)
     x3 = _as_ncl(x)
-    return _centre(x3, np.empty_like(x3))
+    mu, var, _ = _centre(x3, np.empty_like(x3))
+    return mu, var
 
 
 # ----------------------------------------------------------------- forward and backward
@@ -210,14 +216,15 @@ def batchnorm_forward(
     beta = np.asarray(beta, dtype=x.dtype)
 
     x3 = _as_ncl(x)  # (N, C, L)
-    y3 = np.empty_like(x3)  # holds x - mu first, then y
-    mu, var = _centre(x3, out=y3)  # (C,), (C,)
+    y3 = np.empty_like(x3)  # holds x - mu_1 first, then y
+    mu, var, delta = _centre(x3, out=y3)  # (C,) each; y3 = x - mu + delta
     inv_std = 1 / np.sqrt(var + x.dtype.type(eps))  # (C,)
     scale = gamma * inv_std  # (C,): gamma / sqrt(var + eps)
+    shift = beta - delta * scale  # (C,): so that y = (x - mu) * scale + beta
     for blk in _blocks(x3):
         out = y3[blk]
         out *= scale[:, None]  # gamma * x_hat
-        out += beta[:, None]  # + beta
+        out += shift[:, None]  # + beta
     y = y3.reshape(x.shape)
     return y, Cache(x, mu, var, inv_std, gamma, float(eps))
 
@@ -253,11 +260,10 @@ def batchnorm_backward(
     dbeta = np.zeros_like(mu)
     dy_xc = np.zeros_like(mu)
     for blk in blocks:
-        xc, t = dx3[blk], tmp[: x3[blk].shape[0]]
+        xc = dx3[blk]
         dbeta += _channel_sum(dy3[blk])
         np.subtract(x3[blk], mu[:, None], out=xc)  # x - mu
-        np.multiply(xc, dy3[blk], out=t)  # dy * (x - mu)
-        dy_xc += _channel_sum(t)
+        dy_xc += _channel_dot(xc, dy3[blk], tmp[: xc.shape[0]])  # sum(dy * (x - mu))
     dgamma = dy_xc * inv_std  # sum(dy * x_hat)
 
     # dx = k_dy * dy + k_xc * (x - mu) + k_0, with per-channel constants:
