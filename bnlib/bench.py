@@ -1,6 +1,6 @@
 """Speed benchmark: bnlib against PyTorch's native batch-norm kernels, side by side.
 
-    python -m bnlib.bench [--rounds 21] [--threads 1] [--device cpu] [--json FILE]
+    python -m bnlib.bench [--rounds 41] [--threads 1] [--device cpu] [--json FILE]
 
 Every variant of a case runs once per round, in a rotating order, all in one process, so
 that slow drifts of the machine (frequency, other load) hit every variant alike.
@@ -147,7 +147,7 @@ def _cases(device: str, quick: bool) -> list[Case]:
     return cases
 
 
-def run(rounds: int = 21, threads: int = 1, device: str = "cpu", quick: bool = False,
+def run(rounds: int = 41, threads: int = 1, device: str = "cpu", quick: bool = False,
         warmup: int = 3) -> tuple[dict, list[Result]]:
     """Run every case; return (metadata, results)."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -229,7 +229,7 @@ def format_table(meta: dict, results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bnlib.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=21)
+    p.add_argument("--rounds", type=int, default=41)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", default=None, help="where to write the results as JSON "
