@@ -136,18 +136,26 @@ def _blocks(x3: np.ndarray):
 
 
 def _channel_sum(t: np.ndarray) -> np.ndarray:
-    """Sum a (n, C, L) block over samples and positions: (n, C, L) -> (C,)."""
-    if t.shape[2] == 1:  # (n, C): a BLAS matrix-vector product, ones @ t
-        return np.ones(t.shape[0], dtype=t.dtype) @ t[:, :, 0]
-    return t.sum(axis=2).sum(axis=0)  # pairwise sums along the contiguous axis
+    """Sum a contiguous (n, C, L) block over samples and positions: -> (C,).
+
+    The rows of length L are summed by a BLAS matrix-vector product with a vector of
+    ones (several times faster than NumPy's reduction), then the (n, C) row sums over n.
+    """
+    n, c, length = t.shape
+    if length == 1:
+        return np.ones(n, dtype=t.dtype) @ t[:, :, 0]  # (n, C) -> (C,)
+    rows = t.reshape(n * c, length) @ np.ones(length, dtype=t.dtype)  # (n * C,)
+    return rows.reshape(n, c).sum(axis=0)
 
 
-def _channel_dot(a: np.ndarray, b: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    """Per-channel sum(a * b) of two (n, C, L) blocks -> (C,); ``tmp`` is scratch."""
-    if a.shape[2] == 1:  # (n, C): no temporary needed
+def _channel_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-channel sum(a * b) of two contiguous (n, C, L) blocks -> (C,), without
+    forming the product: einsum multiplies and adds in one pass."""
+    n, c, length = a.shape
+    if length == 1:
         return np.einsum("nc,nc->c", a[:, :, 0], b[:, :, 0])
-    np.multiply(a, b, out=tmp)
-    return _channel_sum(tmp)
+    rows = np.einsum("ij,ij->i", a.reshape(n * c, length), b.reshape(n * c, length))
+    return rows.reshape(n, c).sum(axis=0)
 
 
 def _centre(
@@ -167,14 +175,12 @@ def _centre(
     """
     m = x3.dtype.type(x3.shape[0] * x3.shape[2])  # values per channel
     mu_1 = _channel_sum(x3) / m  # (N, C, L) -> (C,)
-    blocks = _blocks(x3)
-    tmp = np.empty_like(x3[blocks[0]])
     d_sum, d_sq = np.zeros_like(mu_1), np.zeros_like(mu_1)
-    for blk in blocks:
+    for blk in _blocks(x3):
         d = out[blk]
         np.subtract(x3[blk], mu_1[:, None], out=d)  # x - mu_1, block by block
         d_sum += _channel_sum(d)
-        d_sq += _channel_dot(d, d, tmp[: d.shape[0]])
+        d_sq += _channel_dot(d, d)
     delta = d_sum / m
     var = np.maximum(d_sq / m - delta * delta, 0)  # >= 0 also after rounding
     return mu_1 + delta, var, delta
@@ -255,27 +261,30 @@ def batchnorm_backward(
     blocks = _blocks(x3)
     tmp = np.empty_like(x3[blocks[0]])
 
-    # One pass over (x, dy): dbeta = sum(dy) and sum(dy * (x - mu)).
-    dx3 = np.empty_like(x3)  # holds x - mu first, then dx
+    # One pass over (x, dy): dbeta = sum(dy) and sum(dy * (x - mu)); x - mu is formed
+    # one cache-sized block at a time, in scratch space.
     dbeta = np.zeros_like(mu)
     dy_xc = np.zeros_like(mu)
     for blk in blocks:
-        xc = dx3[blk]
+        xc = tmp[: x3[blk].shape[0]]
         dbeta += _channel_sum(dy3[blk])
         np.subtract(x3[blk], mu[:, None], out=xc)  # x - mu
-        dy_xc += _channel_dot(xc, dy3[blk], tmp[: xc.shape[0]])  # sum(dy * (x - mu))
+        dy_xc += _channel_dot(xc, dy3[blk])  # sum(dy * (x - mu))
     dgamma = dy_xc * inv_std  # sum(dy * x_hat)
 
-    # dx = k_dy * dy + k_xc * (x - mu) + k_0, with per-channel constants:
+    # dx = k_dy * dy + k_xc * (x - mu) + k_0, with per-channel constants, computed as
+    # k_dy * dy + k_xc * x + (k_0 - k_xc * mu). The x term is the small correction
+    # x_hat * dgamma / M, so rounding x * k_xc costs little even when |mu| >> std.
     k_dy = gamma * inv_std  # gamma / sqrt(var + eps)
     k_xc = -k_dy * inv_std * dgamma / m  # x_hat * dgamma / M, as a multiple of x - mu
-    k_0 = -k_dy * dbeta / m  # dbeta / M
+    k_0 = -k_dy * dbeta / m - k_xc * mu  # dbeta / M, and the mu of k_xc * (x - mu)
+    dx3 = np.empty_like(x3)
     for blk in blocks:
         out, t = dx3[blk], tmp[: x3[blk].shape[0]]
-        out *= k_xc[:, None]
+        np.multiply(x3[blk], k_xc[:, None], out=out)
+        out += k_0[:, None]
         np.multiply(dy3[blk], k_dy[:, None], out=t)
         out += t
-        out += k_0[:, None]
     return dx3.reshape(x.shape), dgamma, dbeta
 
 
