@@ -271,7 +271,9 @@ def test_reset_running_stats(rng):
 @pytest.mark.parametrize("shape", [(256, 8), (16, 4, 32, 32)])
 def test_float32_large_mean_gradients_close_to_float64(rng, shape):
     """Mean 1e4, unit variance, float32: outputs and gradients stay close to the
-    float64 computation on the same values (PyTorch's own float32 error is 1e-3 on y)."""
+    float64 computation on the same values (PyTorch's float32 y is off by 1e-3 here).
+    dgamma's bound is looser: mu itself rounds to float32 (an ulp of 1e-3 at 1e4), which
+    shifts every x - mu alike."""
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     c = shape[1]
@@ -281,4 +283,4 @@ def test_float32_large_mean_gradients_close_to_float64(rng, shape):
     dx64, dgamma64, _ = nb.batchnorm_backward(dy.astype(np.float64), cache64)
     assert np.abs(y - y64).max() < 1e-5
     assert np.abs(dx - dx64).max() < 1e-4 * np.abs(dx64).max()
-    assert np.abs(dgamma - dgamma64).max() < 1e-4 * np.abs(dgamma64).max()
+    assert np.abs(dgamma - dgamma64).max() < 1e-3 * np.abs(dgamma64).max()
