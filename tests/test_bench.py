@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bnlib import bench
 
 
@@ -19,5 +21,6 @@ def test_quick_benchmark_writes_json(tmp_path, capsys):
                      "bnlib.nn eval fwd vs torch.nn"}
     for r in result["results"]:
         assert r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["ratio"] > 0
+        assert r["best_ratio"] == pytest.approx(r["ours_min_ms"] / r["torch_min_ms"])
         assert r["ours_min_ms"] <= r["ours_ms"] <= r["ours_max_ms"]
         assert r["copy_gbps"] > 0
