@@ -30,18 +30,24 @@ def _torch_train(x, gamma, beta, dy, eps=1e-5):
     return y.detach().numpy(), xt.grad.numpy(), gt.grad.numpy(), bt.grad.numpy()
 
 
+def _assert_matches_torch(x, gamma, beta, dy, eps, y_tol, grad_tol, dbeta_tol):
+    """numpy_bn's y, dx, dgamma, dbeta equal torch's; tolerances are (rtol, atol)."""
+    y, cache = nb.batchnorm_forward(x, gamma, beta, eps)
+    dx, dgamma, dbeta = nb.batchnorm_backward(dy, cache)
+    y_t, dx_t, dg_t, db_t = _torch_train(x, gamma, beta, dy, eps)
+    np.testing.assert_allclose(y, y_t, *y_tol)
+    np.testing.assert_allclose(dx, dx_t, *grad_tol)
+    np.testing.assert_allclose(dgamma, dg_t, *grad_tol)
+    np.testing.assert_allclose(dbeta, db_t, *dbeta_tol)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_backward_match_torch_float64(rng, shape):
     x = rng.standard_normal(shape) * 3 + 2
     gamma, beta = _params(rng, shape[1])
     dy = rng.standard_normal(shape)
-    y, cache = nb.batchnorm_forward(x, gamma, beta)
-    dx, dgamma, dbeta = nb.batchnorm_backward(dy, cache)
-    y_t, dx_t, dg_t, db_t = _torch_train(x, gamma, beta, dy)
-    np.testing.assert_allclose(y, y_t, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dx, dx_t, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(dgamma, dg_t, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(dbeta, db_t, rtol=1e-12, atol=1e-12)
+    _assert_matches_torch(x, gamma, beta, dy, 1e-5, y_tol=(1e-12, 1e-12),
+                          grad_tol=(1e-10, 1e-12), dbeta_tol=(1e-12, 1e-12))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -82,13 +88,8 @@ def test_hypothesis_shapes_match_torch(n, c, spatial, eps, seed):
     x = rng.standard_normal(shape) * rng.uniform(0.1, 10) + rng.uniform(-5, 5)
     gamma, beta = _params(rng, c)
     dy = rng.standard_normal(shape)
-    y, cache = nb.batchnorm_forward(x, gamma, beta, eps)
-    dx, dgamma, dbeta = nb.batchnorm_backward(dy, cache)
-    y_t, dx_t, dg_t, db_t = _torch_train(x, gamma, beta, dy, eps)
-    np.testing.assert_allclose(y, y_t, rtol=1e-9, atol=1e-10)
-    np.testing.assert_allclose(dx, dx_t, rtol=1e-8, atol=1e-9)
-    np.testing.assert_allclose(dgamma, dg_t, rtol=1e-8, atol=1e-9)
-    np.testing.assert_allclose(dbeta, db_t, rtol=1e-9, atol=1e-10)
+    _assert_matches_torch(x, gamma, beta, dy, eps, y_tol=(1e-9, 1e-10),
+                          grad_tol=(1e-8, 1e-9), dbeta_tol=(1e-9, 1e-10))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
