@@ -6,7 +6,8 @@ paired experiments (with and without batch norm) differ only in what they compar
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from .data import Split, batches
 
-__all__ = ["evaluate", "fit"]
+__all__ = ["evaluate", "fit", "recompute_bn_statistics"]
 
 
 @torch.no_grad()
@@ -113,3 +114,33 @@ def fit(
                 break
         epoch += 1
     return history
+
+
+@torch.no_grad()
+def recompute_bn_statistics(
+    model: nn.Module, inputs: Iterable[torch.Tensor]
+) -> nn.Module:
+    """A copy of ``model`` whose batch norms hold population statistics (Ioffe &
+    Szegedy's Algorithm 2): the plain average of the batch statistics of ``inputs``.
+
+    Every batch-norm layer's running statistics are reset and then accumulated with
+    ``momentum=None`` (a cumulative average) over the batches in ``inputs``, in training
+    mode but with dropout off (as at test time), without gradients or weight updates.
+    The copy is returned in eval mode with each layer's momentum restored; ``model``
+    itself is untouched.
+    """
+    pop = copy.deepcopy(model)
+    bns = [m for m in pop.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch gets the same weight
+    pop.train()  # batch norms normalize with, and record, batch statistics
+    for m in pop.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()  # dropout off, as at test time
+    for x in inputs:
+        pop(x)
+    for m, momentum in zip(bns, momenta, strict=True):
+        m.momentum = momentum
+    return pop.eval()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bnlib import data, models
-from bnlib.train import evaluate, fit
+from bnlib.train import evaluate, fit, recompute_bn_statistics
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,25 @@ def test_dropout_runs_depend_on_seed_alone(digits):
         a == b or (math.isnan(a) and math.isnan(b))
         for k in runs[0] for a, b in zip(runs[0][k], runs[1][k], strict=True))
     assert math.isnan(runs[0]["train_acc"][0])
+
+
+@pytest.mark.parametrize("norm", ["bnlib", "torch"])
+def test_recompute_bn_statistics_is_the_population_average(digits, norm):
+    """Algorithm 2: running statistics become the mean of the batch statistics, with
+    dropout off; the model itself is untouched."""
+    model = models.mlp([64, 16, 10], norm=norm, dropout=0.5, seed=0)
+    fit(model, digits, steps=20, eval_every=20)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    chunks = digits.x_train.split(100)
+    pop = recompute_bn_statistics(model, chunks)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    bn, linear = pop[1], pop[0]
+    with torch.no_grad():
+        z = [linear(c) for c in chunks]
+    means = torch.stack([t.mean(0) for t in z]).mean(0)
+    variances = torch.stack([t.var(0) for t in z]).mean(0)  # unbiased, as stored
+    torch.testing.assert_close(bn.running_mean, means)
+    torch.testing.assert_close(bn.running_var, variances)
+    assert not pop.training and bn.momentum == 0.1
+    assert bn.num_batches_tracked.item() == len(chunks)
