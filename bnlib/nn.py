@@ -4,8 +4,8 @@
 ``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d`` subclass ``torch.nn``'s, so they
 take the same constructor arguments, hold the same parameters and buffers (their
 ``state_dict`` loads into torch's and back), and pass ``isinstance`` checks. Only the
-computation is replaced: the math is ours, in plain tensor operations, and the backward
-pass is the closed form of the book's backward chapter, in :class:`BatchNormFunction`:
+computation is replaced. The math is ours, in plain tensor operations, and the backward
+pass is the closed form of the book's backward chapter:
 
     forward:   y  = gamma * (x - mu) * inv_std + beta,   inv_std = 1 / sqrt(var + eps)
     backward:  dx = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))
@@ -14,23 +14,49 @@ pass is the closed form of the book's backward chapter, in :class:`BatchNormFunc
 (in eval mode mu and var are the running statistics, constants, and
 dx = gamma * inv_std * dy). Outputs, gradients and running statistics equal torch's.
 
+How it plugs into PyTorch. The computation is a custom operator, ``bnlib::batch_norm``
+(with ``bnlib::batch_norm_backward`` for its gradient), registered with
+``torch.library`` the way PyTorch documents for operators that must work with its
+tools: ``register_fake`` (shapes for ``torch.compile`` and ``torch.export``),
+``register_autograd`` (the hand-written backward) and ``register_vmap`` (``torch.func``;
+a vmapped batch norm is a batch norm over ``B * C`` channels). On top of it,
+:class:`BatchNormFunction` adds forward-mode AD (``jvp``). So the modules work with:
+
+- double backward (gradient penalties, MAML, Hessian-vector products): when
+  ``create_graph=True`` the backward is computed from differentiable tensor operations
+  that recompute ``mu`` and ``var`` from ``x``, so second-order gradients are exact;
+- ``torch.func`` (``grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``jvp``), forward-mode AD
+  and ``gradcheck``'s batched-gradient check;
+- ``torch.compile(fullgraph=True)`` and ``torch.export`` in training and eval mode
+  (one ``bnlib.batch_norm`` node; the exported program keeps the backward);
+- ``torch.fx.symbolic_trace``: like torch's own batch norms, the modules are leaves
+  (``call_module`` nodes), so FX passes see them as modules, and
+  ``torch.ao.quantization.fuse_modules`` fuses Conv/Linear + BN (+ ReLU) with them.
+
+TorchScript (``torch.jit.script``) is not supported: it is deprecated in PyTorch 2.13.
+
 One deliberate difference from torch: a call that raises changes no state. torch bumps
-``num_batches_tracked`` before its kernel checks the channel count; here every check
-runs before anything is written.
+``num_batches_tracked`` before it checks the batch size and the channel count; here
+every check runs, in torch's order and with torch's exception types, before anything
+is written.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.autograd.forward_ad as _fwAD
 from torch import Tensor, nn
 
 __all__ = ["BatchNormFunction", "batch_norm",
            "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _REDUCED = (torch.float16, torch.bfloat16)  # computed in float32, like torch
-
-
 _CHUNK_BYTES = 1 << 19  # a chunk of this size, and its temporaries, stay in L2 cache
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def _reduce_dims(x: Tensor) -> list[int]:
@@ -50,6 +76,16 @@ def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _compute(x: Tensor) -> Tensor:
+    """x in the dtype the arithmetic runs in: float32 for half and bfloat16."""
+    return x.float() if x.dtype in _REDUCED else x
+
+
+def _small(x: Tensor) -> bool:
+    """True for inputs small enough that per-op overhead, not memory, is the cost."""
+    return x.numel() * x.element_size() <= _CHUNK_BYTES
+
+
 def _channel_sum(t: Tensor) -> Tensor:
     """Sum over every dimension but dimension 1: (N, C, *spatial) -> (C,)."""
     if t.dim() == 2:
@@ -67,10 +103,11 @@ def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
     input costs a page fault per 4 KiB, more than the arithmetic. A small input is done
     in one go, where Python's per-op overhead is what counts.
     """
-    per_sample = a[0].numel() * a.element_size() if a.shape[0] else 0
-    if a.shape[0] * per_sample <= _CHUNK_BYTES:
+    if a.dim() == 2:
+        return torch.linalg.vecdot(a, b, dim=0)  # (N, C) x2 -> (C,), one op
+    if _small(a):
         return _channel_sum(a * b)
-    rows = max(1, _CHUNK_BYTES // per_sample)
+    rows = max(1, _CHUNK_BYTES // (a[0].numel() * a.element_size()))
     acc = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
     for a_i, b_i in zip(a.split(rows), b.split(rows), strict=True):
         acc += _channel_sum(a_i * b_i)  # (n, C, ...) chunk -> (C,)
@@ -85,9 +122,9 @@ def _rows(v: Tensor, x: Tensor) -> Tensor | None:
     per-channel vector is broadcast along it, and the op runs element by element.
     Viewing x as (N, C, L / k, k) and v as (C, 1, k) rows keeps every operand contiguous
     along the innermost k, and the op runs at memory speed. Returns None where no k
-    fits.
+    fits (and on GPU, where broadcasting costs nothing).
     """
-    if x.dim() == 2 or not x.is_contiguous():
+    if x.dim() == 2 or not x.is_contiguous() or x.device.type != "cpu" or _small(x):
         return None  # (N, C) and channels_last: C is innermost, v is contiguous there
     length = x[0, 0].numel()
     k = next((k for k in range(128, 15, -1) if length % k == 0), None)
@@ -96,129 +133,385 @@ def _rows(v: Tensor, x: Tensor) -> Tensor | None:
     return v.view(-1, 1, 1).expand(-1, 1, k).contiguous()  # (C, 1, k)
 
 
-def _affine(t: Tensor, scale: Tensor, shift: Tensor,
-            out: Tensor | None = None) -> Tensor:
-    """Per channel, t * scale + shift in one pass: (N, C, *spatial), (C,), (C,)."""
+def _affine(t: Tensor, scale: Tensor, shift: Tensor, inplace: bool = False) -> Tensor:
+    """Per channel, t * scale + shift in one pass: (N, C, *spatial), (C,), (C,).
+    With ``inplace`` the result is written into t (t must be a fresh tensor)."""
     scale_rows, shift_rows = _rows(scale, t), _rows(shift, t)
     if scale_rows is None:
-        if out is None:
-            return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t))
-        return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t), out=out)
+        if inplace:
+            return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t), out=t)
+        return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t))
     n, c, k = t.shape[0], t.shape[1], scale_rows.shape[-1]
     t4 = t.view(n, c, -1, k)  # (N, C, L / k, k)
-    if out is None:
-        return torch.addcmul(shift_rows, t4, scale_rows).view(t.shape)
-    torch.addcmul(shift_rows, t4, scale_rows, out=out.view(n, c, -1, k))
-    return out
+    if inplace:
+        torch.addcmul(shift_rows, t4, scale_rows, out=t4)
+        return t
+    return torch.addcmul(shift_rows, t4, scale_rows).view(t.shape)
+
+
+# --------------------------------------------------------------------------- kernels
+# Plain functions of tensors: the operator below runs them, and the book reads them.
+
+
+def _forward_kernel(x, weight, bias, mean, var, training: bool, eps: float):
+    """y, the batch mean and biased variance (training; two empty tensors in eval), and
+    inv_std = 1 / sqrt(var + eps) for the backward pass.
+
+    training: mu, var = batch statistics;  y = (x - mu) * (gamma * inv_std) + beta
+    eval:     mu, var = running statistics; y = x * scale + (beta - mu * scale)
+    """
+    xf = _compute(x)  # (N, C, ...), float32 for half inputs
+    m = x.numel() // x.shape[1]  # values per channel
+    if training:
+        mean = _channel_sum(xf) / m  # (N, C, ...) -> (C,)
+        y = xf - _bcast(mean, xf)  # x - mu, in the output's buffer
+        var = _channel_dot(y, y) / m  # mean((x - mu)^2): biased, two-pass
+    else:
+        mean, var = _to(mean, xf.dtype), _to(var, xf.dtype)
+    inv_std = torch.rsqrt(var + eps)  # (C,)
+    scale = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
+    if training:  # y = (x - mu) * scale + beta, in place: exact for large mu
+        if bias is None:
+            y = y.mul_(_bcast(scale, xf))
+        else:
+            y = _affine(y, scale, _to(bias, xf.dtype), inplace=True)
+        stats = (mean, var)
+    else:  # one pass over x, like torch's eval kernel
+        shift = -mean * scale if bias is None else \
+            torch.addcmul(_to(bias, xf.dtype), mean, scale, value=-1)
+        y = _affine(xf, scale, shift)
+        stats = (xf.new_empty(0), xf.new_empty(0))
+    return _to(y, x.dtype), *stats, inv_std
+
+
+def _backward_kernel(dy, x, weight, mean, inv_std, training: bool,
+                     need_dx: bool, need_dweight: bool, need_dbias: bool):
+    """dx, dgamma, dbeta of batch norm, the closed form (empty where not needed)::
+
+        dbeta  = sum(dy),  dgamma = sum(dy * x_hat)
+        dx     = gamma * inv_std * (dy - dbeta / M - x_hat * dgamma / M)  (training)
+        dx     = gamma * inv_std * dy                                     (eval)
+    """
+    xf = _compute(x)
+    dy = _to(dy, xf.dtype)
+    m = x.numel() // x.shape[1]  # M, values per channel
+    mean, inv_std = _to(mean, xf.dtype), _to(inv_std, xf.dtype)  # (C,)
+    k_dy = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
+    w_dtype = xf.dtype if weight is None else weight.dtype
+
+    def empty():  # a fresh one each time: an operator's outputs may not alias
+        return xf.new_empty(0, dtype=w_dtype)
+
+    need_stats = need_dweight or need_dbias or (need_dx and training)
+    dbeta = _channel_sum(dy) if need_stats else empty()  # sum(dy)
+    xc = xf - _bcast(mean, xf) if need_stats else None  # x - mu
+    dgamma = _channel_dot(xc, dy) * inv_std if need_stats else empty()  # sum(dy*x_hat)
+    if not need_dx:
+        dx = empty()
+    elif training:
+        # dx = k_dy * dy + k_xc * (x - mu) + k_0, with x_hat = (x - mu) * inv_std:
+        k = k_dy / -m  # (C,)
+        k_xc, k_0 = k * inv_std * dgamma, k * dbeta  # (C,)
+        dx = _affine(xc, k_xc, k_0, inplace=True).addcmul_(dy, _bcast(k_dy, xf))
+        dx = _to(dx, x.dtype)
+    else:
+        dx = _to(dy * _bcast(k_dy, xf), x.dtype)
+    dw = _to(dgamma, w_dtype) if need_dweight else empty()
+    db = _to(dbeta, w_dtype) if need_dbias else empty()
+    return dx, dw, db
+
+
+def _backward_differentiable(dy, x, weight, mean, inv_std, training: bool, eps: float):
+    """The same closed form from differentiable tensor operations, for double backward.
+
+    In training, mu and var are recomputed from x here, so that autograd sees how they
+    depend on x: a second-order gradient through this function is then exact.
+    """
+    xf, dims = _compute(x), _reduce_dims(x)
+    dy = _to(dy, xf.dtype)
+    if training:
+        var, mean = torch.var_mean(xf, dims, correction=0)
+        inv_std = torch.rsqrt(var + eps)
+    mean, inv_std = _bcast(_to(mean, xf.dtype), xf), _to(inv_std, xf.dtype)
+    x_hat = (xf - mean) * _bcast(inv_std, xf)
+    k_dy = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
+    dbeta, dgamma = dy.sum(dims), (dy * x_hat).sum(dims)
+    if training:
+        m = x.numel() // x.shape[1]
+        dx = _bcast(k_dy, xf) * (dy - _bcast(dbeta / m, xf) - x_hat * _bcast(dgamma / m,
+                                                                             xf))
+    else:
+        dx = _bcast(k_dy, xf) * dy
+    w_dtype = xf.dtype if weight is None else weight.dtype
+    return _to(dx, x.dtype), _to(dgamma, w_dtype), _to(dbeta, w_dtype)
+
+
+# --------------------------------------------------------------------------- operator
+
+
+@torch.library.custom_op("bnlib::batch_norm", mutates_args=())
+def _batch_norm_op(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   running_mean: Tensor | None, running_var: Tensor | None,
+                   training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, batch_mean, batch_var)``; in eval the last two are empty."""
+    return _forward_kernel(x, weight, bias, running_mean, running_var, training,
+                           eps)[:3]
+
+
+@torch.library.custom_op("bnlib::batch_norm_backward", mutates_args=())
+def _batch_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
+                            inv_std: Tensor, training: bool, need_dx: bool,
+                            need_dweight: bool, need_dbias: bool
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)``, each empty where not asked for."""
+    return _backward_kernel(dy, x, weight, mean, inv_std, training,
+                            need_dx, need_dweight, need_dbias)
+
+
+@_batch_norm_op.register_fake
+def _(x, weight, bias, running_mean, running_var, training, eps):
+    dt = torch.float32 if x.dtype in _REDUCED else x.dtype
+    c = x.shape[1] if training else 0
+    return torch.empty_like(x), x.new_empty(c, dtype=dt), x.new_empty(c, dtype=dt)
+
+
+@_batch_norm_backward_op.register_fake
+def _(dy, x, weight, mean, inv_std, training, need_dx, need_dweight, need_dbias):
+    dt = (torch.float32 if x.dtype in _REDUCED else x.dtype) if weight is None \
+        else weight.dtype
+    return (torch.empty_like(x) if need_dx else x.new_empty(0, dtype=dt),
+            x.new_empty(x.shape[1] if need_dweight else 0, dtype=dt),
+            x.new_empty(x.shape[1] if need_dbias else 0, dtype=dt))
+
+
+def _transformed(t: Tensor | None = None) -> bool:
+    """True inside a torch.func transform (vmap, grad, jvp, ...), or for a tensor
+    batched by autograd's own vmap (``is_grads_batched``): there the operator's
+    registrations are needed, not its kernel's in-place arithmetic."""
+    functorch = torch._C._functorch
+    return torch._C._are_functorch_transforms_active() or (
+        t is not None and (functorch.is_functorch_wrapped_tensor(t)
+                           or functorch.is_legacy_batchedtensor(t)))
+
+
+def _setup_context(ctx, inputs, output, inv_std=None):
+    """Save x, gamma, mu and inv_std (the batch's in training, the running statistics'
+    in eval) for the backward pass; returns them."""
+    x, weight, _bias, running_mean, running_var, training, eps = inputs
+    _y, mean, var = output
+    if not training:  # eval: the running statistics are the constants used
+        mean, var = running_mean, running_var
+    if inv_std is None:
+        inv_std = torch.rsqrt(_to(var, _compute(x).dtype) + eps)
+    ctx.save_for_backward(x, weight, mean, inv_std)
+    ctx.training, ctx.eps = training, eps
+    ctx.mark_non_differentiable(output[1], output[2])
+    return x, weight, mean, inv_std
+
+
+def _backward(ctx, dy, _dmean, _dvar):
+    """The gradient of y = batch_norm(x): the hand-written closed form, or, when a
+    graph of the backward is being built (create_graph=True), the same formula from
+    differentiable operations, so that it can be differentiated again."""
+    x, weight, mean, inv_std = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():
+        dx, dw, db = _backward_differentiable(dy, x, weight, mean, inv_std,
+                                              ctx.training, ctx.eps)
+    else:
+        fn = _batch_norm_backward_op if _transformed(dy) else _backward_kernel
+        dx, dw, db = fn(dy, x, weight, mean, inv_std, ctx.training,
+                        need_dx, need_dw, need_db)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+            None, None, None, None)
+
+
+_batch_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fold(t: Tensor, bdim: int | None, size: int) -> Tensor:
+    """A vmapped (N, C, ...) tensor as (N, B * C, ...): each vmapped instance's
+    channels become channels of their own (an unbatched tensor is repeated)."""
+    if bdim is None:
+        t = t.unsqueeze(1).expand(t.shape[0], size, *t.shape[1:])
+    else:
+        t = t.movedim(bdim, 1)  # (N, B, C, ...)
+    return t.reshape(t.shape[0], -1, *t.shape[3:])
+
+
+def _fold_vec(v: Tensor | None, bdim: int | None, size: int) -> Tensor | None:
+    """A vmapped (C,) vector as (B * C,)."""
+    if v is None or v.numel() == 0:
+        return v
+    v = v.expand(size, *v.shape) if bdim is None else v.movedim(bdim, 0)
+    return v.reshape(-1)
+
+
+def _unfold(t: Tensor, size: int) -> Tensor:
+    """(N, B * C, ...) back to (N, B, C, ...): the vmapped dimension is 1."""
+    return t.reshape(t.shape[0], size, -1, *t.shape[2:])
+
+
+def _unfold_vec(v: Tensor, size: int) -> tuple[Tensor, int | None]:
+    return (v, None) if v.numel() == 0 else (v.reshape(size, -1), 0)
+
+
+@_batch_norm_op.register_vmap
+def _(info, in_dims, x, weight, bias, running_mean, running_var, training, eps):
+    b, (dx, dw, db, dm, dv, *_) = info.batch_size, in_dims
+    y, mean, var = _batch_norm_op(
+        _fold(x, dx, b), _fold_vec(weight, dw, b), _fold_vec(bias, db, b),
+        _fold_vec(running_mean, dm, b), _fold_vec(running_var, dv, b), training, eps)
+    (mean, mean_dim), (var, var_dim) = _unfold_vec(mean, b), _unfold_vec(var, b)
+    return (_unfold(y, b), mean, var), (1, mean_dim, var_dim)
+
+
+@_batch_norm_backward_op.register_vmap
+def _(info, in_dims, dy, x, weight, mean, inv_std, training, *need):
+    b, (d_dy, d_x, d_w, d_m, d_v, *_) = info.batch_size, in_dims
+    dx, dw, db = _batch_norm_backward_op(
+        _fold(dy, d_dy, b), _fold(x, d_x, b), _fold_vec(weight, d_w, b),
+        _fold_vec(mean, d_m, b), _fold_vec(inv_std, d_v, b), training, *need)
+    (dw, dw_dim), (db, db_dim) = _unfold_vec(dw, b), _unfold_vec(db, b)
+    dx, dx_dim = (_unfold(dx, b), 1) if dx.numel() or need[0] else (dx, None)
+    return (dx, dw, db), (dx_dim, dw_dim, db_dim)
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Batch norm with its backward pass written out by hand.
+    """Batch norm as an ``autograd.Function``: the operator ``bnlib::batch_norm``, its
+    hand-written backward, and a forward-mode derivative (``jvp``).
 
-    ``apply(x, weight, bias, mean, var, training, eps) -> (y, batch_mean, batch_var)``.
-    In training ``mean`` and ``var`` are ignored (pass None) and the batch statistics
-    are used and returned; in eval the given (running) statistics are used and returned.
-    ``weight`` and ``bias`` may be None (no affine transform). Half and bfloat16 inputs
-    are computed in float32 and returned in their own dtype, as torch does.
+    ``apply(x, weight, bias, running_mean, running_var, training, eps)
+    -> (y, batch_mean, batch_var)``. In training ``running_mean`` and ``running_var``
+    are ignored (pass None) and the batch statistics are used and returned (the biased
+    variance); in eval the given running statistics are used, and the last two outputs
+    are empty. ``weight`` and ``bias`` may be None (no affine transform). Half and
+    bfloat16 inputs are computed in float32 and returned in their own dtype, as torch
+    does.
+
+    The forward-mode derivative uses that batch norm's Jacobian with respect to x is
+    symmetric, so its product with a tangent ``x_t`` is the backward formula with
+    ``dy = x_t``; a tangent of gamma or beta adds ``gamma_t * x_hat + beta_t``.
     """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, training: bool, eps: float):
-        xf = x.float() if x.dtype in _REDUCED else x  # compute dtype
-        m = x.numel() // x.shape[1]  # values per channel
-        if training:
-            mean = _channel_sum(xf) / m  # (N, C, ...) -> (C,)
-            y = xf - _bcast(mean, xf)  # x - mu, in the output's buffer
-            var = _channel_dot(y, y) / m  # mean((x - mu)^2): biased, two-pass
-        else:
-            mean, var = _to(mean, xf.dtype), _to(var, xf.dtype)
-        inv_std = torch.rsqrt(var + eps)  # (C,)
-        scale = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
-        if training:  # y = (x - mu) * scale + beta, in place: exact for large mu
-            if bias is None:
-                y = y.mul_(_bcast(scale, xf))
-            else:
-                y = _affine(y, scale, _to(bias, xf.dtype), out=y)
-        else:  # y = x * scale + (beta - mu * scale): one pass, like torch's eval kernel
-            beta = torch.zeros_like(mean) if bias is None else _to(bias, xf.dtype)
-            shift = beta - mean * scale
-            y = _affine(xf, scale, shift)
-        ctx.save_for_backward(x, weight, mean, inv_std)
-        ctx.training = training
-        ctx.mark_non_differentiable(mean, var)
-        return _to(y, x.dtype), mean, var
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
+    def forward(x, weight, bias, running_mean, running_var, training, eps):
+        return _batch_norm_op(x, weight, bias, running_mean, running_var, training, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(*_setup_context(ctx, inputs, output))
+
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, _rm_t, _rv_t, _training_t, _eps_t):
         x, weight, mean, inv_std = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        xf = x.float() if x.dtype in _REDUCED else x
-        dy = _to(dy, xf.dtype)
-        m = x.numel() // x.shape[1]
-        k_dy = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
-
-        dbeta = _channel_sum(dy)  # sum(dy)
-        xc = xf - _bcast(mean, xf)  # x - mu, in the buffer that becomes dx
-        dgamma = _channel_dot(xc, dy) * inv_std  # sum(dy * x_hat)
-        dx = None
-        if need_dx and ctx.training:
-            # dx = k_dy * (dy - dbeta / M - x_hat * dgamma / M), x_hat = xc * inv_std,
-            # with k_dy = gamma * inv_std: dx = k_xc * xc + k_0 + k_dy * dy
-            k_xc = k_dy * inv_std * dgamma / -m
-            k_0 = k_dy * dbeta / -m
-            dx = _affine(xc, k_xc, k_0, out=xc)
-            dx = _to(dx.addcmul_(dy, _bcast(k_dy, xf)), x.dtype)
-        elif need_dx:  # eval: mu and var are constants, dx = gamma * inv_std * dy
-            dx = _to(dy * _bcast(k_dy, xf), x.dtype)
-        dw = _to(dgamma, weight.dtype) if need_dw else None
-        db_dtype = weight.dtype if weight is not None else dy.dtype
-        db = _to(dbeta, db_dtype) if need_db else None
-        return dx, dw, db, None, None, None, None
+        xf = _compute(x)
+        y_t = torch.zeros_like(xf)
+        if x_t is not None:  # the Jacobian times x_t: the backward formula at dy = x_t
+            y_t = y_t + _compute(_backward_differentiable(
+                x_t, x, weight, mean, inv_std, ctx.training, ctx.eps)[0])
+        if weight_t is not None or bias_t is not None:
+            inv_std = _to(inv_std, xf.dtype)
+            if weight_t is not None:  # + gamma_t * x_hat
+                x_hat = (xf - _bcast(_to(mean, xf.dtype), xf)) * _bcast(inv_std, xf)
+                y_t = y_t + x_hat * _bcast(_to(weight_t, xf.dtype), xf)
+            if bias_t is not None:
+                y_t = y_t + _bcast(_to(bias_t, xf.dtype), xf)
+        return _to(y_t, x.dtype), None, None
 
 
-def _check_dtypes(x: Tensor, ref: Tensor | None) -> None:
-    if not x.is_floating_point():
-        raise RuntimeError(
-            f"batch norm needs a floating-point input, got {x.dtype}; convert it with "
-            "x.float()"
-        )
-    if ref is None or ref.dtype == x.dtype:
-        return
-    if x.dtype in _REDUCED and ref.dtype == torch.float32:
-        return  # mixed precision: half/bfloat16 input, float32 parameters
-    raise RuntimeError(
-        f"mixed dtype: the input is {x.dtype} but the parameters and buffers are "
-        f"{ref.dtype}; convert one of them (e.g. module.to({x.dtype}))"
-    )
+class _EagerBatchNormFunction(torch.autograd.Function):
+    """BatchNormFunction for plain eager calls: the same backward and jvp, with the
+    operator's kernel called directly. It defines ``forward(ctx, ...)`` rather than
+    ``setup_context``, because ``autograd.Function.apply`` binds a setup_context-style
+    forward's signature with ``inspect`` on every call (about 40 us, as much as the
+    whole of torch's batch norm on a small batch); torch.func needs setup_context, so
+    under its transforms BatchNormFunction is used instead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps):
+        *out, inv_std = _forward_kernel(x, weight, bias, running_mean, running_var,
+                                        training, eps)
+        inputs = (x, weight, bias, running_mean, running_var, training, eps)
+        ctx.save_for_forward(*_setup_context(ctx, inputs, out, inv_std))
+        return tuple(out)
+
+    backward = staticmethod(_backward)
+    jvp = BatchNormFunction.jvp
 
 
-def _check_args(x, running_mean, running_var, weight, bias, training, eps) -> None:
-    """Every check of batch_norm, run before any state is written; raises like torch."""
+# --------------------------------------------------------------------------- functional
+
+
+def _check_args(x, running_mean, running_var, weight, bias, training, eps,
+                num_features: int | None = None) -> bool:
+    """Every check of batch_norm, in torch's order and with torch's exception types,
+    run before any state is written. Returns False for an empty input (which torch
+    returns early, unchecked), True otherwise. A module passes its ``num_features``,
+    for a message in its terms."""
     if x.dim() < 2:
         raise ValueError(f"expected input of shape (N, C, ...), got {x.dim()}D input")
+    if training and x.shape[0] * math.prod(x.shape[2:]) == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{tuple(x.shape)}: batch statistics need at least two values per channel"
+        )
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, got {eps}")
+    if x.numel() == 0:
+        return False
     c = x.shape[1]
-    for name, v in [("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)]:
+    if num_features is not None and c != num_features and any(
+            v is not None for v in (running_mean, running_var, weight, bias)):
+        raise RuntimeError(
+            f"expected input with {num_features} channels, shape (N, {num_features}, "
+            f"...), got {c} channels in an input of shape {tuple(x.shape)}"
+        )
+    named = [("running_mean", running_mean), ("running_var", running_var),
+             ("weight", weight), ("bias", bias)]
+    for name, v in named:
         if v is not None and tuple(v.shape) != (c,):
             raise RuntimeError(
                 f"{name} should contain {c} elements, one per channel of the input of "
                 f"shape {tuple(x.shape)}, not {v.numel()} (shape {tuple(v.shape)})"
             )
-    _check_dtypes(x, weight if weight is not None else running_mean)
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError(
-            "eval mode needs running_mean and running_var (or training=True)"
+    if not training:
+        for name, v in named[:2]:
+            if v is None:
+                raise RuntimeError(f"{name} must be defined in evaluation mode (or "
+                                   "pass training=True)")
+    if not x.is_floating_point():
+        raise NotImplementedError(
+            f"batch norm needs a floating-point input, got {x.dtype}; convert it with "
+            "x.float()"
         )
-    if training:
-        if c and x.numel() // c == 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got input size "
-                f"{tuple(x.shape)}"
-            )
-        if not eps > 0:
-            raise ValueError(
-                f"batch_norm eps must be positive during training, got {eps}"
-            )
+    # Parameters and buffers share one dtype: x's, or float32 for half/bfloat16 x.
+    present = [(name, v) for name, v in named if v is not None]
+    ok = {x.dtype, torch.float32} if x.dtype in _REDUCED else {x.dtype}
+    if present and not (present[0][1].dtype in ok
+                        and all(v.dtype == present[0][1].dtype for _, v in present)):
+        kinds = ", ".join(f"{name} {v.dtype}" for name, v in present)
+        raise RuntimeError(
+            f"mixed dtype: the input is {x.dtype} but the parameters and buffers are "
+            f"{kinds}; convert one of them (e.g. module.to({x.dtype}))"
+        )
+    return True
+
+
+def _empty_output(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """What torch returns for an empty batch: an empty output, statistics untouched."""
+    y = x.clone()
+    if weight is not None:
+        y = y * weight[0]
+    if bias is not None:
+        y = y + bias[0]
+    return y
 
 
 def batch_norm(
@@ -233,38 +526,49 @@ def batch_norm(
 ) -> Tensor:
     """Functional batch norm with the signature of ``torch.nn.functional.batch_norm``.
 
-    In training the running statistics, if given, are updated in place:
+    ``x`` is (N, C, ...); ``running_mean``, ``running_var``, ``weight`` and ``bias`` are
+    (C,) or None. In training the running statistics, if given, are updated in place:
     ``running = (1 - momentum) * running + momentum * batch_stat`` with the unbiased
     batch variance. Every check runs before any state is written.
     """
-    _check_args(x, running_mean, running_var, weight, bias, training, eps)
+    if not _check_args(x, running_mean, running_var, weight, bias, training, eps):
+        return _empty_output(x, weight, bias)
     return _batch_norm(x, running_mean, running_var, weight, bias, training,
                        momentum, eps)
 
 
 def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
     """batch_norm without the checks: the caller has run _check_args."""
-    if x.numel() == 0:  # an empty batch: empty output, statistics untouched (as torch)
-        y = x.clone()
-        if weight is not None:
-            y = y * weight[0]
-        if bias is not None:
-            y = y + bias[0]
-        return y
-    y, mean, var = BatchNormFunction.apply(
-        x, weight, bias, None if training else running_mean,
-        None if training else running_var, training, eps)
+    if training:
+        running_mean_in = running_var_in = None
+    else:
+        running_mean_in, running_var_in = running_mean, running_var
+    args = (x, weight, bias, running_mean_in, running_var_in, training, eps)
+    if torch.compiler.is_compiling():  # Dynamo traces the operator (it has no jvp)
+        y, mean, var = _batch_norm_op(*args)
+    elif _transformed():  # torch.func: the operator's vmap rule, setup_context
+        y, mean, var = BatchNormFunction.apply(*args)
+    elif _fwAD._current_level >= 0 or (torch.is_grad_enabled() and (
+            x.requires_grad or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad))):
+        y, mean, var = _EagerBatchNormFunction.apply(*args)
+    else:  # nothing to differentiate: the kernel alone
+        y, mean, var, _ = _forward_kernel(*args)
     if training and running_mean is not None and running_var is not None:
         m = x.numel() // x.shape[1]
         with torch.no_grad():  # running = (1 - momentum) * running + momentum * stat
-            unbiased_var = var * (m / (m - 1))  # store the unbiased variance
+            running = [running_mean, running_var]
             if isinstance(momentum, Tensor):  # momentum=None: 1 / num_batches_tracked
-                running_mean.mul_(1 - momentum).add_(mean * momentum)
-                running_var.mul_(1 - momentum).add_(unbiased_var * momentum)
-            else:
-                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-                running_var.mul_(1 - momentum).add_(unbiased_var, alpha=momentum)
+                stats = torch._foreach_mul([mean, var * (m / (m - 1))], momentum)
+            else:  # momentum * mean, momentum * unbiased variance
+                stats = torch._foreach_mul([mean, var], [momentum,
+                                                         momentum * m / (m - 1)])
+            torch._foreach_mul_(running, 1 - momentum)
+            torch._foreach_add_(running, stats)
     return y
+
+
+# --------------------------------------------------------------------------- modules
 
 
 class _BatchNorm:
@@ -273,8 +577,8 @@ class _BatchNorm:
 
     Each module subclasses its ``torch.nn`` counterpart, so it has the same constructor,
     parameters, buffers, ``state_dict`` and ``reset_*`` methods, and code that checks
-    ``isinstance(m, nn.BatchNorm2d)`` (weight-decay rules, ``update_bn``, fusion) treats
-    it as a batch norm; only the computation is replaced.
+    ``isinstance(m, nn.BatchNorm2d)`` (weight-decay rules, ``update_bn``) treats it as a
+    batch norm; only the computation is replaced.
     """
 
     _expected_dims: tuple[int, ...] = ()
@@ -288,6 +592,10 @@ class _BatchNorm:
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # FX tracing: a leaf module, as torch's are
+            tracer = x.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self),
+                                       (x,), {})
         self._check_input_dim(x)
         # Normalize with batch statistics in training, and in eval when none are saved.
         bn_training = self.training or (self.running_mean is None
@@ -296,15 +604,8 @@ class _BatchNorm:
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
-        if x.shape[1] != self.num_features and (self.weight is not None
-                                                or running_mean is not None):
-            raise RuntimeError(
-                f"expected input with {self.num_features} channels, shape (N, "
-                f"{self.num_features}, ...), got {x.shape[1]} channels in an input of "
-                f"shape {tuple(x.shape)}"
-            )
-        _check_args(x, running_mean, running_var, self.weight, self.bias, bn_training,
-                    self.eps)
+        nonempty = _check_args(x, running_mean, running_var, self.weight, self.bias,
+                               bn_training, self.eps, self.num_features)
 
         # Only now, with every check passed, change the module's state.
         factor: float | Tensor = 0.0 if self.momentum is None else self.momentum
@@ -313,6 +614,8 @@ class _BatchNorm:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average over the batches seen
                 factor = 1.0 / self.num_batches_tracked.double()
+        if not nonempty:
+            return _empty_output(x, self.weight, self.bias)
         return _batch_norm(x, running_mean, running_var, self.weight, self.bias,
                            bn_training, factor, self.eps)
 
@@ -333,3 +636,45 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """Batch norm over (N, C, D, H, W) input; drop-in for ``nn.BatchNorm3d``."""
 
     _expected_dims = (5,)
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+def _as_torch_batchnorm(bn: nn.Module) -> nn.Module:
+    """torch's own batch norm class holding bn's very parameters and buffers (shared,
+    not copied), for fusers that accept only torch's exact classes (QAT's ConvBn)."""
+    base = next(c for c in type(bn).__mro__ if c.__module__.startswith("torch.nn"))
+    twin = base(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                bn.track_running_stats, device="meta")
+    twin._parameters, twin._buffers = bn._parameters, bn._buffers
+    return twin.train(bn.training)
+
+
+def _register_fusers() -> None:
+    """Teach ``torch.ao.quantization.fuse_modules`` our classes: it looks fusers up by
+    exact type, so each pattern with torch's BatchNormXd gets one with ours, which
+    hands torch's fuser a torch BatchNormXd sharing our parameters and buffers."""
+    try:
+        from torch.ao.quantization import fuser_method_mappings as fmm
+    except ImportError:  # pragma: no cover - torch without quantization
+        return
+    table = getattr(fmm, "_DEFAULT_OP_LIST_TO_FUSER_METHOD", None)
+    if table is None:  # pragma: no cover - a torch that moved it
+        return
+    ours = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
+            nn.BatchNorm3d: BatchNorm3d}
+
+    def wrap(fuser):
+        def fuse(is_qat, *mods):
+            mods = [_as_torch_batchnorm(m) if isinstance(m, _BatchNorm) else m
+                    for m in mods]
+            return fuser(is_qat, *mods)
+        return fuse
+
+    for pattern, fuser in list(table.items()):
+        if any(t in ours for t in pattern):
+            table.setdefault(tuple(ours.get(t, t) for t in pattern), wrap(fuser))
+
+
+_register_fusers()
