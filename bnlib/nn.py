@@ -310,16 +310,17 @@ def _setup_context(ctx, inputs, output, inv_std=None):
 
 
 def _backward(ctx, dy, _dmean, _dvar):
-    """The gradient of y = batch_norm(x): the hand-written closed form, or, when a
-    graph of the backward is being built (create_graph=True), the same formula from
-    differentiable operations, so that it can be differentiated again."""
+    """The gradient of y = batch_norm(x): the hand-written closed form. Where the
+    backward itself will be differentiated (create_graph=True, forward-mode AD, a
+    torch.func transform), the same formula from differentiable operations instead."""
     x, weight, mean, inv_std = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or _fwAD._current_level >= 0 or _transformed(dy):
         dx, dw, db = _backward_differentiable(dy, x, weight, mean, inv_std,
                                               ctx.training, ctx.eps)
-    else:
-        fn = _batch_norm_backward_op if _transformed(dy) else _backward_kernel
+    else:  # traced by torch.compile as one operator; in eager, its kernel
+        fn = _batch_norm_backward_op if torch.compiler.is_compiling() \
+            else _backward_kernel
         dx, dw, db = fn(dy, x, weight, mean, inv_std, ctx.training,
                         need_dx, need_dw, need_db)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
@@ -557,14 +558,9 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
     if training and running_mean is not None and running_var is not None:
         m = x.numel() // x.shape[1]
         with torch.no_grad():  # running = (1 - momentum) * running + momentum * stat
-            running = [running_mean, running_var]
-            if isinstance(momentum, Tensor):  # momentum=None: 1 / num_batches_tracked
-                stats = torch._foreach_mul([mean, var * (m / (m - 1))], momentum)
-            else:  # momentum * mean, momentum * unbiased variance
-                stats = torch._foreach_mul([mean, var], [momentum,
-                                                         momentum * m / (m - 1)])
-            torch._foreach_mul_(running, 1 - momentum)
-            torch._foreach_add_(running, stats)
+            unbiased_var = var * (m / (m - 1))  # store the unbiased variance
+            for running, stat in ((running_mean, mean), (running_var, unbiased_var)):
+                running.mul_(1 - momentum).add_(stat * momentum)
     return y
 
 
