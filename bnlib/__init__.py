@@ -3,6 +3,7 @@
 Modules (import the one you need; each is small and self-contained):
 
 - :mod:`bnlib.numpy_bn`: the math in NumPy (forward, backward, inference, a layer).
+- :mod:`bnlib.numpy_fast`: the same functions as fast, cache-blocked NumPy kernels.
 - :mod:`bnlib.nn`: ``BatchNorm1d/2d/3d`` for PyTorch with a hand-written backward.
 - :mod:`bnlib.fold`: fold an eval-mode batch norm into the layer before it.
 - :mod:`bnlib.gradcheck`: numerical gradients by central differences.

@@ -1,11 +1,13 @@
-"""Batch normalization in NumPy: the forward pass, its backward pass and inference.
+"""Batch normalization in NumPy, the reference: the book's equations, line by line.
 
 This is the math of Ioffe & Szegedy (2015), written so that a reader can check each line
-against the book's equations, and so that it runs about as fast as PyTorch's own CPU
-kernel.
+against the book's equations; each function is a few lines, about as long as the
+formulas it implements. :mod:`bnlib.numpy_fast` has the same functions as fast,
+cache-blocked kernels, and is tested equal to this reference.
 
 For an input ``x`` of shape ``(N, C)`` or ``(N, C, *spatial)``, statistics are taken per
-channel ``c`` over the ``M = N * prod(spatial)`` values that share that channel:
+channel ``c`` over the ``M = N * prod(spatial)`` values that share that channel, that is
+over axis 0 and every spatial axis (``axis=(0, 2, 3, ...)``):
 
     mu    = mean(x)                          # (C,)
     var   = mean((x - mu) ** 2)              # (C,)  biased: divide by M
@@ -18,15 +20,19 @@ and the backward pass, in its compact closed form, is
     dgamma = sum(dy * x_hat)
     dx     = gamma / sqrt(var + eps) * (dy - dbeta / M - x_hat * dgamma / M)
 
+In the code, per-channel values are kept with shape ``(1, C, 1, ...)`` (``keepdims``)
+so that they broadcast against ``x``; the :class:`Cache` stores them as ``(C,)``.
+
 Conventions follow PyTorch: normalize with the biased variance, store the unbiased one
 (``var * M / (M - 1)``) in ``running_var``, and update running statistics with
 ``running = (1 - momentum) * running + momentum * batch_stat``.
 
-Numerical stability: the variance is computed from deviations, in two passes
-(``mean((x - mu) ** 2)``, with the mean corrected by the deviations' own mean), never
-as ``mean(x ** 2) - mu ** 2``, which cancels catastrophically when ``|mu| >> std``.
-Speed: the work is done in blocks of samples small enough to stay in the CPU cache, with
-``out=`` and in-place operations so that large temporaries are never allocated.
+Numerical stability: the variance is computed from deviations, ``mean((x - mu) ** 2)``,
+never as ``mean(x ** 2) - mu ** 2``, which cancels catastrophically when
+``|mu| >> std``. Every operation runs in ``x``'s dtype. In float64 the results equal
+PyTorch's to about 1e-12. In float32 the variance stays accurate when ``|mu| >> std``,
+but ``mu`` itself is a float32 mean, and its rounding error shifts every ``x_hat`` of a
+channel alike, by ``error / std``; :mod:`bnlib.numpy_fast` corrects for that.
 """
 
 from __future__ import annotations
@@ -44,9 +50,6 @@ __all__ = [
     "batch_stats",
     "BatchNorm",
 ]
-
-# A block of about this many bytes (input and one temporary) stays in the L2 cache.
-_BLOCK_BYTES = 1 << 20
 
 
 class Cache(NamedTuple):
@@ -114,7 +117,12 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"eps must be positive, got {eps}")
 
 
-# --------------------------------------------------------------------------- blocks
+# --------------------------------------------------------------------------- shapes
+
+
+def _channel_axes(x: np.ndarray) -> tuple[int, ...]:
+    """The axes statistics are taken over: every axis but the channel axis 1."""
+    return (0,) + tuple(range(2, x.ndim))  # (0, 2, 3, ...)
 
 
 def _channel_shape(x: np.ndarray) -> tuple[int, ...]:
@@ -122,80 +130,21 @@ def _channel_shape(x: np.ndarray) -> tuple[int, ...]:
     return (1, x.shape[1]) + (1,) * (x.ndim - 2)
 
 
-def _as_ncl(x: np.ndarray) -> np.ndarray:
-    """View x as (N, C, L), L = prod(spatial) (1 for (N, C) input); copies if needed."""
-    return np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
-
-
-def _blocks(x3: np.ndarray):
-    """Slices of the sample axis, each about _BLOCK_BYTES of x3."""
-    n = x3.shape[0]
-    per_sample = max(1, x3[0].nbytes)
-    step = max(1, min(n, _BLOCK_BYTES // per_sample))
-    return [slice(i, i + step) for i in range(0, n, step)]
-
-
-def _channel_sum(t: np.ndarray) -> np.ndarray:
-    """Sum a contiguous (n, C, L) block over samples and positions: -> (C,).
-
-    The rows of length L are summed by a BLAS matrix-vector product with a vector of
-    ones (several times faster than NumPy's reduction), then the (n, C) row sums over n.
-    """
-    n, c, length = t.shape
-    if length == 1:
-        return np.ones(n, dtype=t.dtype) @ t[:, :, 0]  # (n, C) -> (C,)
-    rows = t.reshape(n * c, length) @ np.ones(length, dtype=t.dtype)  # (n * C,)
-    return rows.reshape(n, c).sum(axis=0)
-
-
-def _channel_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-channel sum(a * b) of two contiguous (n, C, L) blocks -> (C,), without
-    forming the product: einsum multiplies and adds in one pass."""
-    n, c, length = a.shape
-    if length == 1:
-        return np.einsum("nc,nc->c", a[:, :, 0], b[:, :, 0])
-    rows = np.einsum("ij,ij->i", a.reshape(n * c, length), b.reshape(n * c, length))
-    return rows.reshape(n, c).sum(axis=0)
-
-
-def _centre(
-    x3: np.ndarray, out: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-channel mean and biased variance of (N, C, L), by the corrected two-pass
-    algorithm (Chan, Golub & LeVeque, 1983); ``out`` receives x - mu_1.
-
-    A first estimate ``mu_1 = mean(x)`` is subtracted; the deviations d = x - mu_1 are
-    small, so ``delta = mean(d)`` (the first estimate's rounding error) and
-    ``mean(d ** 2)`` are accurate, and
-
-        mu = mu_1 + delta,    var = mean(d ** 2) - delta ** 2.
-
-    ``delta`` is tiny, so the subtraction loses nothing: no ``E[x^2] - E[x]^2``
-    cancellation even when |mu| >> std. Returns (mu, var, delta), each (C,).
-    """
-    m = x3.dtype.type(x3.shape[0] * x3.shape[2])  # values per channel
-    mu_1 = _channel_sum(x3) / m  # (N, C, L) -> (C,)
-    d_sum, d_sq = np.zeros_like(mu_1), np.zeros_like(mu_1)
-    for blk in _blocks(x3):
-        d = out[blk]
-        np.subtract(x3[blk], mu_1[:, None], out=d)  # x - mu_1, block by block
-        d_sum += _channel_sum(d)
-        d_sq += _channel_dot(d, d)
-    delta = d_sum / m
-    var = np.maximum(d_sq / m - delta * delta, 0)  # >= 0 also after rounding
-    return mu_1 + delta, var, delta
+# ----------------------------------------------------------------- forward and backward
 
 
 def batch_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel batch mean and biased variance, two-pass: (N, C, ...) -> (C,) x2."""
+    """Per-channel batch mean and biased variance: (N, C, ...) -> (C,), (C,).
+
+        mu  = mean(x)                 over axis 0 and the spatial axes
+        var = mean((x - mu) ** 2)     biased (divide by M), from deviations
+    """
     _check_input(x)
     _check_batch(x)
-    x3 = _as_ncl(x)
-    mu, var, _ = _centre(x3, np.empty_like(x3))
-    return mu, var
-
-
-# ----------------------------------------------------------------- forward and backward
+    axes = _channel_axes(x)  # (0, 2, 3, ...)
+    mu = x.mean(axis=axes, keepdims=True)  # (1, C, 1, ...)
+    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)  # (1, C, 1, ...)
+    return mu.ravel(), var.ravel()  # (C,), (C,)
 
 
 def batchnorm_forward(
@@ -208,31 +157,35 @@ def batchnorm_forward(
     - gamma, beta: (C,) scale and shift (cast to x's dtype)
     - eps: added to the variance before the square root, > 0
 
-    Returns ``(y, cache)``: ``y = gamma * (x - mu) / sqrt(var + eps) + beta``, same
-    shape and dtype as ``x``; ``cache`` (a :class:`Cache`) holds what the backward pass
-    needs.
+    Returns ``(y, cache)``, ``y`` of the same shape and dtype as ``x``::
+
+        mu    = mean(x)                       # (C,)  over axis (0, 2, 3, ...)
+        var   = mean((x - mu) ** 2)           # (C,)  biased
+        x_hat = (x - mu) / sqrt(var + eps)    # (N, C, ...)
+        y     = gamma * x_hat + beta          # (N, C, ...)
+
+    ``cache`` (a :class:`Cache`) holds what the backward pass needs.
     """
     _check_input(x)
-    c = x.shape[1]
-    _check_vector("gamma", gamma, c)
-    _check_vector("beta", beta, c)
+    C = x.shape[1]
+    _check_vector("gamma", gamma, C)
+    _check_vector("beta", beta, C)
     _check_eps(eps)
     _check_batch(x)
-    gamma = np.asarray(gamma, dtype=x.dtype)
-    beta = np.asarray(beta, dtype=x.dtype)
+    axes = _channel_axes(x)  # (0, 2, 3, ...)
+    shape = _channel_shape(x)  # (1, C, 1, ...)
+    gamma = np.asarray(gamma, dtype=x.dtype).reshape(shape)  # (1, C, 1, ...)
+    beta = np.asarray(beta, dtype=x.dtype).reshape(shape)  # (1, C, 1, ...)
+    eps = float(eps)  # a Python float keeps x's dtype
 
-    x3 = _as_ncl(x)  # (N, C, L)
-    y3 = np.empty_like(x3)  # holds x - mu_1 first, then y
-    mu, var, delta = _centre(x3, out=y3)  # (C,) each; y3 = x - mu + delta
-    inv_std = 1 / np.sqrt(var + x.dtype.type(eps))  # (C,)
-    scale = gamma * inv_std  # (C,): gamma / sqrt(var + eps)
-    shift = beta - delta * scale  # (C,): so that y = (x - mu) * scale + beta
-    for blk in _blocks(x3):
-        out = y3[blk]
-        out *= scale[:, None]  # gamma * x_hat
-        out += shift[:, None]  # + beta
-    y = y3.reshape(x.shape)
-    return y, Cache(x, mu, var, inv_std, gamma, float(eps))
+    mu = x.mean(axis=axes, keepdims=True)  # (1, C, 1, ...)
+    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)  # (1, C, 1, ...)
+    inv_std = 1 / np.sqrt(var + eps)  # (1, C, 1, ...)
+    x_hat = (x - mu) * inv_std  # (N, C, ...)
+    y = gamma * x_hat + beta  # (N, C, ...)
+
+    cache = Cache(x, mu.ravel(), var.ravel(), inv_std.ravel(), gamma.ravel(), eps)
+    return y, cache
 
 
 def batchnorm_backward(
@@ -246,46 +199,27 @@ def batchnorm_backward(
 
     Returns ``(dx, dgamma, dbeta)`` with shapes ``x.shape``, ``(C,)``, ``(C,)``::
 
-        dbeta  = sum(dy)
-        dgamma = sum(dy * x_hat)
+        dbeta  = sum(dy)                      # (C,)  over axis (0, 2, 3, ...)
+        dgamma = sum(dy * x_hat)              # (C,)
         dx     = gamma * inv_std * (dy - dbeta / M - x_hat * dgamma / M)
     """
-    x, mu, _, inv_std, gamma, _ = cache
+    x = cache.x
     if np.shape(dy) != x.shape:
         raise ValueError(
             f"dy must have the forward input's shape {x.shape}, got {np.shape(dy)}"
         )
     dy = np.asarray(dy, dtype=x.dtype)
-    x3, dy3 = _as_ncl(x), _as_ncl(dy)  # (N, C, L)
-    m = x3.shape[0] * x3.shape[2]
-    blocks = _blocks(x3)
-    tmp = np.empty_like(x3[blocks[0]])
+    axes = _channel_axes(x)  # (0, 2, 3, ...)
+    shape = _channel_shape(x)  # (1, C, 1, ...)
+    gamma = cache.gamma.reshape(shape)  # (1, C, 1, ...)
+    inv_std = cache.inv_std.reshape(shape)  # (1, C, 1, ...)
+    x_hat = cache.x_hat  # (N, C, ...)
+    M = x.size // x.shape[1]  # values per channel
 
-    # One pass over (x, dy): dbeta = sum(dy) and sum(dy * (x - mu)); x - mu is formed
-    # one cache-sized block at a time, in scratch space.
-    dbeta = np.zeros_like(mu)
-    dy_xc = np.zeros_like(mu)
-    for blk in blocks:
-        xc = tmp[: x3[blk].shape[0]]
-        dbeta += _channel_sum(dy3[blk])
-        np.subtract(x3[blk], mu[:, None], out=xc)  # x - mu
-        dy_xc += _channel_dot(xc, dy3[blk])  # sum(dy * (x - mu))
-    dgamma = dy_xc * inv_std  # sum(dy * x_hat)
-
-    # dx = k_dy * dy + k_xc * (x - mu) + k_0, with per-channel constants, computed as
-    # k_dy * dy + k_xc * x + (k_0 - k_xc * mu). The x term is the small correction
-    # x_hat * dgamma / M, so rounding x * k_xc costs little even when |mu| >> std.
-    k_dy = gamma * inv_std  # gamma / sqrt(var + eps)
-    k_xc = -k_dy * inv_std * dgamma / m  # x_hat * dgamma / M, as a multiple of x - mu
-    k_0 = -k_dy * dbeta / m - k_xc * mu  # dbeta / M, and the mu of k_xc * (x - mu)
-    dx3 = np.empty_like(x3)
-    for blk in blocks:
-        out, t = dx3[blk], tmp[: x3[blk].shape[0]]
-        np.multiply(x3[blk], k_xc[:, None], out=out)
-        out += k_0[:, None]
-        np.multiply(dy3[blk], k_dy[:, None], out=t)
-        out += t
-    return dx3.reshape(x.shape), dgamma, dbeta
+    dbeta = dy.sum(axis=axes, keepdims=True)  # (1, C, 1, ...)
+    dgamma = (dy * x_hat).sum(axis=axes, keepdims=True)  # (1, C, 1, ...)
+    dx = gamma * inv_std * (dy - dbeta / M - x_hat * dgamma / M)  # (N, C, ...)
+    return dx, dgamma.ravel(), dbeta.ravel()
 
 
 def batchnorm_backward_steps(
@@ -305,9 +239,9 @@ def batchnorm_backward_steps(
         raise ValueError(
             f"dy must have the forward input's shape {x.shape}, got {np.shape(dy)}"
         )
-    axes = (0,) + tuple(range(2, x.ndim))  # every axis but the channel axis
+    axes = _channel_axes(x)  # (0, 2, 3, ...): every axis but the channel axis
     shape = _channel_shape(x)  # (1, C, 1, ...)
-    m = x.size // x.shape[1]
+    M = x.size // x.shape[1]
 
     # Forward again, keeping every intermediate node.
     xc = x - mu.reshape(shape)  # (N, C, ...)
@@ -323,9 +257,9 @@ def batchnorm_backward_steps(
     dxc = dx_hat * inv.reshape(shape)  # x_hat = xc * inv   (path 1 into xc)
     dstd = -dinv / std**2  # inv = 1 / std
     dvar = dstd / (2 * std)  # std = sqrt(var + eps)
-    dxc += 2 * xc * dvar.reshape(shape) / m  # var = mean(xc ** 2)  (path 2 into xc)
+    dxc += 2 * xc * dvar.reshape(shape) / M  # var = mean(xc ** 2)  (path 2 into xc)
     dmu = -dxc.sum(axis=axes)  # xc = x - mu
-    dx = dxc + dmu.reshape(shape) / m  # mu = mean(x), and xc = x - mu
+    dx = dxc + dmu.reshape(shape) / M  # mu = mean(x), and xc = x - mu
     return dx, dgamma, dbeta
 
 
@@ -340,26 +274,24 @@ def batchnorm_inference(
     """Eval-mode batch norm: normalize with saved statistics, one example at a time.
 
     Inputs: ``x`` (N, C, *spatial); ``gamma``, ``beta``, ``running_mean``,
-    ``running_var`` (C,). Returns
-    ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``. Each output depends
-    on its own input only, never on the rest of the batch.
+    ``running_var`` (C,). Returns, with the shape and dtype of ``x``::
+
+        y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta
+
+    Each output depends on its own input only, never on the rest of the batch.
     """
     _check_input(x)
-    c = x.shape[1]
+    C = x.shape[1]
     for name, v in [("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
                     ("running_var", running_var)]:
-        _check_vector(name, v, c)
+        _check_vector(name, v, C)
     _check_eps(eps)
-    dt = x.dtype.type
-    mean = np.asarray(running_mean, dtype=x.dtype)
-    scale = np.asarray(gamma, dtype=x.dtype) / np.sqrt(
-        np.asarray(running_var, dtype=x.dtype) + dt(eps)
-    )  # (C,)
-    shape = _channel_shape(x)
-    y = np.subtract(x, mean.reshape(shape))
-    y *= scale.reshape(shape)
-    y += np.asarray(beta, dtype=x.dtype).reshape(shape)
-    return y
+    shape = _channel_shape(x)  # (1, C, 1, ...)
+    gamma, beta, mean, var = (np.asarray(v, dtype=x.dtype).reshape(shape)
+                              for v in (gamma, beta, running_mean, running_var))
+    eps = float(eps)  # a Python float keeps x's dtype
+
+    return gamma * (x - mean) / np.sqrt(var + eps) + beta  # (N, C, ...)
 
 
 # --------------------------------------------------------------------------- the layer

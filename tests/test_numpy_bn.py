@@ -122,13 +122,16 @@ def test_float32_stays_float32_and_close_to_float64(rng):
 
 def test_float32_large_mean_normalizes_correctly(rng):
     """A float32 input with mean 1e4 and unit variance: the two-pass variance is right,
-    where E[x^2] - E[x]^2 loses every significant digit."""
+    where E[x^2] - E[x]^2 loses every significant digit. The reference computes in
+    float32, so the float32 rounding of mu shifts y's mean by (mu error) / std, and
+    by nothing else (numpy_fast corrects even that: tests/test_numpy_fast.py)."""
     x = (1e4 + rng.standard_normal((256, 8))).astype(np.float32)
     c = x.shape[1]
     y, cache = nb.batchnorm_forward(x, np.ones(c, np.float32), np.zeros(c, np.float32))
     x64 = x.astype(np.float64)  # the exact statistics of the same float32 values
     np.testing.assert_allclose(cache.var, x64.var(0), rtol=1e-3)
-    np.testing.assert_allclose(y.mean(0), 0, atol=2e-3)
+    mu_error = cache.mu - x64.mean(0)  # (C,): the float32 mean's rounding
+    np.testing.assert_allclose(y.mean(0), -mu_error / x64.std(0), atol=1e-4)
     np.testing.assert_allclose(y.std(0), 1, atol=2e-3)
     naive_var = (x * x).mean(0) - x.mean(0) ** 2  # the cancelling formula, for contrast
     assert np.max(np.abs(naive_var - x64.var(0))) > 10 * np.max(np.abs(cache.var
@@ -244,19 +247,6 @@ def test_non_contiguous_input(rng):
     np.testing.assert_allclose(dx, dx_t, atol=1e-12)
 
 
-def test_large_input_spans_several_blocks(rng):
-    """Inputs larger than one cache block are processed block by block, same result."""
-    x = rng.standard_normal((40, 3, 64, 64))  # 3.9 MB: several blocks
-    gamma, beta = _params(rng, 3)
-    dy = rng.standard_normal(x.shape)
-    y, cache = nb.batchnorm_forward(x, gamma, beta)
-    dx, dgamma, dbeta = nb.batchnorm_backward(dy, cache)
-    y_t, dx_t, dg_t, db_t = _torch_train(x, gamma, beta, dy)
-    np.testing.assert_allclose(y, y_t, atol=1e-11)
-    np.testing.assert_allclose(dx, dx_t, atol=1e-11)
-    np.testing.assert_allclose(dgamma, dg_t, rtol=1e-10)
-
-
 def test_reset_running_stats(rng):
     layer = nb.BatchNorm(3, momentum=None)
     layer.forward(rng.standard_normal((8, 3)) + 2)
@@ -267,21 +257,3 @@ def test_reset_running_stats(rng):
     x = rng.standard_normal((8, 3))
     layer.forward(x)  # momentum=None: the first batch's statistics exactly
     np.testing.assert_allclose(layer.running_mean, x.mean(0), atol=1e-15)
-
-
-@pytest.mark.parametrize("shape", [(256, 8), (16, 4, 32, 32)])
-def test_float32_large_mean_gradients_close_to_float64(rng, shape):
-    """Mean 1e4, unit variance, float32: outputs and gradients stay close to the
-    float64 computation on the same values (PyTorch's float32 y is off by 1e-3 here).
-    dgamma's bound is looser: mu itself rounds to float32 (an ulp of 1e-3 at 1e4), which
-    shifts every x - mu alike."""
-    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
-    c = shape[1]
-    y, cache = nb.batchnorm_forward(x, np.ones(c, np.float32), np.zeros(c, np.float32))
-    dx, dgamma, _ = nb.batchnorm_backward(dy, cache)
-    y64, cache64 = nb.batchnorm_forward(x.astype(np.float64), np.ones(c), np.zeros(c))
-    dx64, dgamma64, _ = nb.batchnorm_backward(dy.astype(np.float64), cache64)
-    assert np.abs(y - y64).max() < 1e-5
-    assert np.abs(dx - dx64).max() < 1e-4 * np.abs(dx64).max()
-    assert np.abs(dgamma - dgamma64).max() < 1e-3 * np.abs(dgamma64).max()
