@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import nn as bnn
-from . import numpy_bn
+from . import numpy_fast
 
 __all__ = ["Case", "Result", "run", "main"]
 
@@ -46,6 +46,7 @@ class Case:
     copy: Callable[[], object]
     traffic: int  # tensors of x's size that must be read or written, at least
     target: float | None
+    repeat: int = 1  # calls per timed sample (small inputs: many, against timer noise)
 
 
 @dataclass
@@ -80,8 +81,8 @@ def _timer(device: str) -> Callable[[Callable[[], object]], float]:
 
 
 def _numpy_step(x, dy, gamma, beta):
-    _, cache = numpy_bn.batchnorm_forward(x, gamma, beta)
-    return numpy_bn.batchnorm_backward(dy, cache)
+    _, cache = numpy_fast.batchnorm_forward(x, gamma, beta)
+    return numpy_fast.batchnorm_backward(dy, cache)
 
 
 def _torch_native_step(x, w, b, dy):
@@ -104,7 +105,7 @@ def _cases(device: str, quick: bool) -> list[Case]:
     def copy_of(x):
         return x.clone
 
-    # 1. numpy_bn forward + backward against torch's native kernel (CPU only: NumPy).
+    # 1. numpy_fast forward + backward against torch's native kernel (CPU only: NumPy).
     if device == "cpu":
         for shape, target in ((image, 1.25), (table, 1.75)):
             x, dy = tensors(shape)
@@ -117,7 +118,7 @@ def _cases(device: str, quick: bool) -> list[Case]:
 
             ours = partial(_numpy_step, xn, dyn, gamma, beta)
             theirs = partial(_torch_native_step, xt, w, b, dy)
-            cases.append(Case("numpy_bn fwd+bwd vs torch native", shape, ours, theirs,
+            cases.append(Case("numpy_fast fwd+bwd vs torch native", shape, ours, theirs,
                               copy_of(x), traffic=5, target=target))
 
     # 2. bnlib.nn forward + backward, and eval forward, against torch.nn.
@@ -146,6 +147,23 @@ def _cases(device: str, quick: bool) -> list[Case]:
                           partial(eval_step, ours_e, x),
                           partial(eval_step, theirs_e, x),
                           copy_of(x), traffic=2, target=1.2))
+
+    # 3. The sizes the book trains: per-call overhead, not memory, is the cost.
+    def repeated(fn, n):
+        def run():
+            for _ in range(n):
+                fn()
+        return run
+
+    for shape in ((8, 16), (16, 32)) if quick else ((60, 100), (128, 256)):
+        x, dy = tensors(shape)
+        xt = x.clone().requires_grad_()
+        ours, theirs = (lib.BatchNorm1d(shape[1]).to(device) for lib in (bnn, torch.nn))
+        n = 20
+        cases.append(Case("bnlib.nn fwd+bwd vs torch.nn (small)", shape,
+                          repeated(partial(train_step, ours, xt, dy), n),
+                          repeated(partial(train_step, theirs, xt, dy), n),
+                          repeated(copy_of(x), n), traffic=5, target=2.0, repeat=n))
     return cases
 
 
@@ -175,6 +193,7 @@ def run(rounds: int = 41, threads: int = 1, device: str = "cpu", quick: bool = F
         for r in range(rounds):
             for k in order[r % 3:] + order[: r % 3]:  # rotate who goes first
                 times[k].append(once(fns[k]))
+        times = {k: [t / case.repeat for t in v] for k, v in times.items()}
         nbytes = int(np.prod(case.shape)) * 4
         med = {k: statistics.median(v) for k, v in times.items()}
         ratio = statistics.median(o / t for o, t in zip(times["ours"], times["theirs"],

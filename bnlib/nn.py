@@ -560,7 +560,8 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
         with torch.no_grad():  # running = (1 - momentum) * running + momentum * stat
             unbiased_var = var * (m / (m - 1))  # store the unbiased variance
             for running, stat in ((running_mean, mean), (running_var, unbiased_var)):
-                running.mul_(1 - momentum).add_(stat * momentum)
+                # lerp: running + momentum * (stat - running), one op instead of three
+                running.lerp_(_to(stat, running.dtype), momentum)
     return y
 
 

@@ -17,8 +17,9 @@ def test_quick_benchmark_writes_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["meta"]["threads"] == 1
     names = {r["name"] for r in result["results"]}
-    assert names == {"numpy_bn fwd+bwd vs torch native", "bnlib.nn fwd+bwd vs torch.nn",
-                     "bnlib.nn eval fwd vs torch.nn"}
+    assert names == {"numpy_fast fwd+bwd vs torch native",
+                     "bnlib.nn fwd+bwd vs torch.nn", "bnlib.nn eval fwd vs torch.nn",
+                     "bnlib.nn fwd+bwd vs torch.nn (small)"}
     for r in result["results"]:
         assert r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["ratio"] > 0
         assert r["best_ratio"] == pytest.approx(r["ours_min_ms"] / r["torch_min_ms"])
