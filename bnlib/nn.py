@@ -163,7 +163,7 @@ def _forward_kernel(x, weight, bias, mean, var, training: bool, eps: float):
     xf = _compute(x)  # (N, C, ...), float32 for half inputs
     m = x.numel() // x.shape[1]  # values per channel
     if training:
-        mean = _channel_sum(xf) / m  # (N, C, ...) -> (C,)
+        mean = xf.mean(0) if x.dim() == 2 else _channel_sum(xf) / m  # -> (C,)
         y = xf - _bcast(mean, xf)  # x - mu, in the output's buffer
         var = _channel_dot(y, y) / m  # mean((x - mu)^2): biased, two-pass
     else:
@@ -306,6 +306,7 @@ def _setup_context(ctx, inputs, output, inv_std=None):
     ctx.save_for_backward(x, weight, mean, inv_std)
     ctx.training, ctx.eps = training, eps
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero tensors for the statistics' gradients
     return x, weight, mean, inv_std
 
 
@@ -313,6 +314,8 @@ def _backward(ctx, dy, _dmean, _dvar):
     """The gradient of y = batch_norm(x): the hand-written closed form. Where the
     backward itself will be differentiated (create_graph=True, forward-mode AD, a
     torch.func transform), the same formula from differentiable operations instead."""
+    if dy is None:  # y was not used: no gradient flows back
+        return None, None, None, None, None, None, None
     x, weight, mean, inv_std = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled() or _fwAD._current_level >= 0 or _transformed(dy):
@@ -438,7 +441,9 @@ class _EagerBatchNormFunction(torch.autograd.Function):
         *out, inv_std = _forward_kernel(x, weight, bias, running_mean, running_var,
                                         training, eps)
         inputs = (x, weight, bias, running_mean, running_var, training, eps)
-        ctx.save_for_forward(*_setup_context(ctx, inputs, out, inv_std))
+        saved = _setup_context(ctx, inputs, out, inv_std)
+        if _fwAD._current_level >= 0:  # forward-mode AD: jvp needs them too
+            ctx.save_for_forward(*saved)
         return tuple(out)
 
     backward = staticmethod(_backward)
