@@ -15,6 +15,8 @@ from . import nn as bnn
 
 __all__ = ["NORMS", "norm_layer", "mlp", "cnn"]
 
+#: The kinds of normalization that ``norm=`` takes: no batch norm, bnlib's
+#: (:class:`bnlib.nn.BatchNorm1d` and its siblings) or ``torch.nn``'s.
 NORMS = ("none", "bnlib", "torch")
 _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 

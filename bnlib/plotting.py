@@ -23,6 +23,9 @@ __all__ = [
     "draw_table",
 ]
 
+#: One colour per meaning, the same in every figure of the book: ``"none"`` (without
+#: batch norm), ``"bn"`` (with it), ``"dropout"``, ``"bn+dropout"``, ``"torch"``
+#: (torch's own), ``"accent"`` and ``"grey"``.
 COLORS = {
     "none": "#4C72B0",  # without batch norm
     "bn": "#DD8452",  # with batch norm
