@@ -4,8 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS := 1
+# MKL's AVX2 code path on every x86 CPU with AVX2 or better: the same rounding, the same
+# stored outputs (see bnlib/repro.py)
+export MKL_CBWR := AVX2
+export ONEDNN_MAX_CPU_ISA := AVX2
 
-.PHONY: help setup book test lint pytest nbval check-book execute bench clean freeze
+.PHONY: help setup book test lint pytest nbval check-book execute bench clean freeze \
+        binder-check
 
 help:
 	@echo "make book   - set up .venv and build the HTML book into _build/html"
@@ -13,6 +18,8 @@ help:
 	@echo "              book build (zero warnings) and the offline browser test"
 	@echo "make execute - re-run every chapter in place and print each one's time"
 	@echo "make bench  - run the speed benchmark (python -m bnlib.bench)"
+	@echo "make binder-check - build a fresh env from binder/ as Binder does and run"
+	@echo "              a chapter in it (minutes; not part of make test)"
 	@echo "make clean  - remove _build (keep .venv)"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -60,6 +67,13 @@ execute: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bnlib.bench
+
+# Binder's launch button: a fresh venv built from binder/ the way repo2docker does
+# (requirements.txt, then postBuild), then a chapter run in it. Takes minutes. Pass
+# other chapters with CHAPTERS="book/02_formulation.ipynb ...".
+binder-check: $(STAMP)
+	$(BIN)/python scripts/binder_requirements.py
+	$(BIN)/python scripts/check_binder.py $(CHAPTERS)
 
 clean:
 	rm -rf _build _vendor

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -39,3 +41,13 @@ def test_setup_makes_runs_repeatable():
     assert torch.equal(a[1], b[1])
     assert torch.get_num_threads() == 1
     torch.use_deterministic_algorithms(False)
+
+
+def test_setup_pins_the_math_libraries_code_paths(monkeypatch):
+    """setup() asks MKL and oneDNN for their AVX2 code paths (the same rounding on
+    every x86 CPU with AVX2 or better), unless the user chose otherwise."""
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    repro.setup(threads=torch.get_num_threads())
+    assert os.environ["MKL_CBWR"] == "AVX2"
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "SSE41"
