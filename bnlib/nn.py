@@ -294,6 +294,11 @@ def _transformed(t: Tensor | None = None) -> bool:
                            or functorch.is_legacy_batchedtensor(t)))
 
 
+def _batched(t: Tensor) -> bool:
+    """True for a tensor batched by vmap at the innermost transform level."""
+    return torch._C._functorch.is_batchedtensor(t)
+
+
 def _setup_context(ctx, inputs, output, inv_std=None):
     """Save x, gamma, mu and inv_std (the batch's in training, the running statistics'
     in eval) for the backward pass; returns them."""
@@ -472,6 +477,14 @@ def _check_args(x, running_mean, running_var, weight, bias, training, eps,
         raise ValueError(f"batch_norm eps must be non-negative, got {eps}")
     if x.numel() == 0:
         return False
+    if training and _transformed() and running_mean is not None and (
+            _batched(x) and not (_batched(running_mean) and _batched(running_var))):
+        raise RuntimeError(
+            "vmap: batch norm got a batched input while running_mean and running_var, "
+            "which training updates in place, are not batched. Batch them too "
+            "(torch.func.stack_module_state), or stop tracking running statistics "
+            "(torch.func.replace_all_batch_norm_modules_), or use eval mode."
+        )
     c = x.shape[1]
     if num_features is not None and c != num_features and any(
             v is not None for v in (running_mean, running_var, weight, bias)):
@@ -565,8 +578,10 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
         with torch.no_grad():  # running = (1 - momentum) * running + momentum * stat
             unbiased_var = var * (m / (m - 1))  # store the unbiased variance
             for running, stat in ((running_mean, mean), (running_var, unbiased_var)):
-                # lerp: running + momentum * (stat - running), one op instead of three
-                running.lerp_(_to(stat, running.dtype), momentum)
+                if _transformed():  # vmap has batching rules for these, not lerp_
+                    running.mul_(1 - momentum).add_(stat * momentum)
+                else:  # running + momentum * (stat - running): one op, not three
+                    running.lerp_(_to(stat, running.dtype), momentum)
     return y
 
 

@@ -422,3 +422,32 @@ def test_error_messages_name_the_problem_and_the_expected_value():
         bnn.BatchNorm2d(3, eps=-1.0).eval()(torch.randn(4, 3, 2, 2))
     assert math.isfinite(bnn.BatchNorm2d(3, eps=0.0).eval()(torch.ones(2, 3, 1, 1))
                          .sum().item())
+
+
+def test_vmap_training_with_unbatched_running_stats_raises_and_changes_nothing():
+    """As torch does, vmap refuses to update shared running statistics from a batched
+    input in place; ours says how to fix it, and changes no state."""
+    m = bnn.BatchNorm1d(3)
+    with pytest.raises(RuntimeError, match="replace_all_batch_norm_modules_"):
+        vmap(m)(torch.randn(4, 5, 3))
+    assert m.num_batches_tracked.item() == 0 and torch.equal(m.running_mean,
+                                                              torch.zeros(3))
+    with pytest.raises(RuntimeError):
+        vmap(torch.nn.BatchNorm1d(3))(torch.randn(4, 5, 3))
+
+
+def test_vmap_ensemble_in_training_updates_each_models_statistics():
+    """Model ensembling in training mode: stacked parameters and buffers, one batch per
+    model; each model's output and running statistics as if run alone."""
+    torch.manual_seed(0)
+    models = [bnn.BatchNorm1d(3, dtype=D) for _ in range(4)]
+    xs = torch.randn(4, 6, 3, dtype=D) * 2 + 1
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    ys = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))(params, buffers, xs)
+    for k, (m, x) in enumerate(zip(models, xs, strict=True)):
+        torch.testing.assert_close(ys[k], m(x), atol=1e-12, rtol=0)
+        torch.testing.assert_close(buffers["running_mean"][k], m.running_mean,
+                                   atol=1e-14, rtol=0)
+        torch.testing.assert_close(buffers["running_var"][k], m.running_var,
+                                   atol=1e-14, rtol=0)
