@@ -50,7 +50,9 @@ import torch.autograd.forward_ad as _fwAD
 from torch import Tensor, nn
 
 __all__ = ["BatchNormFunction", "batch_norm",
-           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "BatchRenormFunction", "BatchRenorm1d", "BatchRenorm2d",
+           "GhostBatchNorm1d", "GhostBatchNorm2d"]
 
 _REDUCED = (torch.float16, torch.bfloat16)  # computed in float32, like torch
 _CHUNK_BYTES = 1 << 19  # a chunk of this size, and its temporaries, stay in L2 cache
@@ -695,3 +697,10 @@ def _register_fusers() -> None:
 
 
 _register_fusers()
+
+
+# --------------------------------------------------------------------------- re-exports
+# Batch Renorm and Ghost BN live in their own files and import the helpers above.
+
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d  # noqa: E402
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenormFunction  # noqa: E402
