@@ -219,6 +219,7 @@ def run(rounds: int = 41, threads: int = 1, device: str = "cpu", quick: bool = F
         "numpy": np.__version__,
         "python": sys.version.split()[0],
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "MKL_CBWR": os.environ.get("MKL_CBWR"),
     }
     return meta, results
 
