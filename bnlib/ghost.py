@@ -87,12 +87,7 @@ class _GhostBatchNorm(_TorchBatchNorm):
         self._check_input_dim(x)
         virtual_batch_size = self.virtual_batch_size
         _check_virtual_batch_size(virtual_batch_size)
-        # As BatchNorm: batch statistics in eval too when no running ones are kept.
-        bn_training = self.training or (self.running_mean is None
-                                        and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
+        bn_training, running_mean, running_var = _mode(self)  # as BatchNorm decides
         nonempty = _check_args(x, running_mean, running_var, self.weight, self.bias,
                                bn_training, self.eps, self.num_features)
         if not self.training:  # eval: BatchNorm's
@@ -164,6 +159,7 @@ from .nn import (  # noqa: E402
     _check_args,
     _compute,
     _empty_output,
+    _mode,
     _reduce_dims,
     _to,
     batch_norm,

@@ -590,6 +590,18 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
 # --------------------------------------------------------------------------- modules
 
 
+def _mode(m: nn.Module) -> tuple[bool, Tensor | None, Tensor | None]:
+    """How a batch-norm module normalizes now, as torch's BatchNorm decides it:
+    ``(bn_training, running_mean, running_var)``. Batch statistics in training, and in
+    eval when no running ones are kept; the running statistics are read in eval and
+    written in training, if tracked (None otherwise)."""
+    bn_training = m.training or (m.running_mean is None and m.running_var is None)
+    use_running = not m.training or m.track_running_stats
+    if not use_running:
+        return bn_training, None, None
+    return bn_training, m.running_mean, m.running_var
+
+
 class _BatchNorm:
     """What BatchNorm1d/2d/3d add to their ``torch.nn`` base class: a ``forward`` that
     runs bnlib's batch norm, checking everything before it changes any state.
@@ -616,13 +628,7 @@ class _BatchNorm:
             return tracer.create_proxy("call_module", tracer.path_of_module(self),
                                        (x,), {})
         self._check_input_dim(x)
-        # Normalize with batch statistics in training, and in eval when none are saved.
-        bn_training = self.training or (self.running_mean is None
-                                        and self.running_var is None)
-        # Running statistics are read in eval and written in training, if tracked.
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
+        bn_training, running_mean, running_var = _mode(self)
         nonempty = _check_args(x, running_mean, running_var, self.weight, self.bias,
                                bn_training, self.eps, self.num_features)
 
