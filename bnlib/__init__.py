@@ -7,11 +7,15 @@ Modules (import the one you need; each is small and self-contained):
 - :mod:`bnlib.nn`: ``BatchNorm1d/2d/3d`` for PyTorch with a hand-written backward.
 - :mod:`bnlib.fold`: fold an eval-mode batch norm into the layer before it.
 - :mod:`bnlib.gradcheck`: numerical gradients by central differences.
+- :mod:`bnlib.diagnose`: ``diagnose(model, x=None)`` finds the silent batch-norm bugs
+  (a frozen BN that still updates, Keras' momentum, a bias or dropout before BN,
+  untrained or stale running statistics, small batches).
 - :mod:`bnlib.data`, :mod:`bnlib.models`, :mod:`bnlib.train`, :mod:`bnlib.plotting`,
   :mod:`bnlib.repro`: data, networks, a training loop, figures and seeding for the book.
 - ``python -m bnlib.bench``: the speed benchmark against torch's native kernels.
 """
 
+from .diagnose import Finding, diagnose
 from .numpy_bn import (
     BatchNorm,
     batchnorm_backward,
@@ -24,9 +28,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
+    "Finding",
     "batchnorm_backward",
     "batchnorm_backward_steps",
     "batchnorm_forward",
     "batchnorm_inference",
+    "diagnose",
     "__version__",
 ]

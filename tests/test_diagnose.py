@@ -1,0 +1,442 @@
+"""bnlib.diagnose: each finding code on a model with exactly that bug (found, on the
+right module) and on a clean one (nothing found), statically and through a traced
+forward (custom forwards included); the model left untouched, also when the forward
+raises; every BN class recognised; printing and the notebook table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bnlib
+from bnlib import ghost, renorm
+from bnlib import nn as bnn
+from bnlib.diagnose import CODES, Finding, Findings, diagnose
+
+
+def _codes(findings) -> list[tuple[str, str]]:
+    return [(f.module, f.code) for f in findings]
+
+
+def _trained(model: nn.Module, x: torch.Tensor, steps: int = 20) -> nn.Module:
+    """model with running statistics of x's distribution, returned in eval mode."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(x)
+    return model.eval()
+
+
+class Custom(nn.Module):
+    """A non-Sequential model whose wiring only a traced forward can see."""
+
+    def __init__(self, bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(4, 6, bias=bias)
+        self.norm = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.norm(self.fc(self.drop(x)))
+        return self.head(torch.relu(h))
+
+
+# ---------------------------------------------------------------- bias-before-bn
+
+
+def test_bias_before_bn_found_statically_on_the_bn():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU())
+    assert _codes(diagnose(model)) == [("1", "bias-before-bn")]
+    assert "bias=False" in diagnose(model)[0].message
+    assert "'0'" in diagnose(model)[0].message  # names the layer with the bias
+
+
+def test_bias_before_bn_clean_models():
+    assert diagnose(nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6))) == []
+    # an activation in between: the bias is not cancelled by the BN
+    assert diagnose(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.BatchNorm1d(6))) == []
+
+
+def test_bias_before_bn_sees_through_flatten_and_nested_sequentials():
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Flatten(), nn.Identity(),
+        nn.BatchNorm1d(2 * 3 * 3),
+    )
+    x = torch.randn(8, 1, 5, 5)
+    assert _codes(diagnose(model)) == [("3", "bias-before-bn")]
+    assert _codes(diagnose(model, x)) == [("3", "bias-before-bn")]
+
+
+def test_bias_before_bn_traced_in_a_custom_forward():
+    x = torch.randn(16, 4)
+    assert diagnose(Custom(bias=True)) == []  # static: no Sequential to read
+    assert _codes(diagnose(Custom(bias=True), x)) == [("norm", "bias-before-bn")]
+    assert diagnose(Custom(bias=False), x) == []
+
+
+def test_an_inplace_activation_hides_the_bias():
+    """Linear -> ReLU(inplace) -> BN: the ReLU returns the Linear's own tensor, changed;
+    the traced wiring must see the ReLU, not the Linear."""
+
+    class InplaceCustom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 6), nn.ReLU(inplace=True)
+            self.norm = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            return self.norm(self.act(self.fc(x)))
+
+    class FunctionalInplace(InplaceCustom):  # changed in place where no hook sees
+        def forward(self, x):
+            h = self.fc(x)
+            return self.norm(h.relu_())
+
+    class Block(nn.Module):  # a container whose output is its child's, changed
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return self.fc(x).relu_()
+
+    x = torch.randn(16, 4)
+    assert diagnose(InplaceCustom(), x) == []
+    assert diagnose(FunctionalInplace(), x) == []
+    assert diagnose(nn.Sequential(Block(), nn.BatchNorm1d(6)), x) == []
+    # without the in-place change, the Linear is seen through its container
+    class PlainBlock(Block):
+        def forward(self, x):
+            return self.fc(x)
+
+    assert _codes(diagnose(nn.Sequential(PlainBlock(), nn.BatchNorm1d(6)), x)) == [
+        ("1", "bias-before-bn")]
+
+
+def test_traced_wiring_overrides_a_sequential_used_as_a_list():
+    """A Sequential iterated by a custom forward with a functional op in between: its
+    order says Linear -> BN, the tensors say otherwise."""
+
+    class Looped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            return x
+
+    assert _codes(diagnose(Looped())) == [("layers.1", "bias-before-bn")]
+    assert diagnose(Looped(), torch.randn(16, 4)) == []
+
+
+# ---------------------------------------------------------------- keras-momentum
+
+
+def test_keras_momentum():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False),
+                          nn.BatchNorm2d(2, momentum=0.99))
+    found = diagnose(model)
+    assert _codes(found) == [("1", "keras-momentum")]
+    assert "0.01" in found[0].message
+    for momentum in (0.1, 0.5, None):
+        clean = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False),
+                              nn.BatchNorm2d(2, momentum=momentum))
+        assert diagnose(clean) == []
+
+
+# ----------------------------------------------------------- frozen-but-updating
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def test_frozen_but_updating():
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6))
+    model = _frozen(_trained(model, torch.randn(64, 4))).train()  # fine-tuning
+    assert _codes(diagnose(model)) == [("1", "frozen-but-updating")]
+    assert _codes(diagnose(model, torch.randn(16, 4))) == [("1", "frozen-but-updating")]
+    model[1].eval()  # the fix
+    assert diagnose(model) == []
+    # trainable, or not tracking running statistics: nothing to report
+    assert diagnose(nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6))) == []
+    assert diagnose(_frozen(nn.BatchNorm1d(6, track_running_stats=False))) == []
+
+
+# ------------------------------------------------------------- dropout-before-bn
+
+
+def test_dropout_before_bn_through_a_linear_layer():
+    model = nn.Sequential(
+        nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(6, 6, bias=False), nn.BatchNorm1d(6),
+    )
+    found = diagnose(model)
+    assert _codes(found) == [("5", "dropout-before-bn")]
+    assert "'3'" in found[0].message
+    x = torch.randn(16, 4)
+    assert _codes(diagnose(model, x)) == [("5", "dropout-before-bn")]
+    assert _codes(diagnose(model.eval(), x)) == [  # dropout in eval mode too
+        ("1", "untrained-running-stats"), ("5", "dropout-before-bn"),
+        ("5", "untrained-running-stats")]
+
+
+def test_dropout_before_bn_directly_and_through_activations():
+    direct = nn.Sequential(nn.Dropout(0.2), nn.BatchNorm1d(4))
+    assert _codes(diagnose(direct)) == [("1", "dropout-before-bn")]
+    # an activation between dropout and the linear layer: still a variance shift
+    act = nn.Sequential(nn.Dropout(0.2), nn.ReLU(), nn.Linear(4, 4, bias=False),
+                        nn.BatchNorm1d(4))
+    assert _codes(diagnose(act)) == [("3", "dropout-before-bn")]
+
+
+def test_dropout_before_bn_clean_models():
+    # the fix: dropout after the last BN
+    assert diagnose(nn.Sequential(
+        nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(6, 2))) == []
+    # p = 0 is no dropout; two weighted layers in between are out of reach
+    assert diagnose(nn.Sequential(nn.Dropout(0.0), nn.BatchNorm1d(4))) == []
+    assert diagnose(nn.Sequential(
+        nn.Dropout(0.5), nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False),
+        nn.BatchNorm1d(4))) == []
+
+
+def test_dropout_before_bn_traced_in_a_custom_forward():
+    x = torch.randn(16, 4)
+    assert diagnose(Custom(dropout=0.3)) == []  # static: no Sequential to read
+    assert _codes(diagnose(Custom(dropout=0.3), x)) == [("norm", "dropout-before-bn")]
+    assert diagnose(Custom(dropout=0.0), x) == []
+
+
+# ------------------------------------------------------- untrained-running-stats
+
+
+def test_untrained_running_stats():
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6)).eval()
+    found = diagnose(model)
+    assert _codes(found) == [("1", "untrained-running-stats")]
+    assert "recompute_bn_statistics" in found[0].message
+    assert diagnose(model.train()) == []  # training mode uses batch statistics
+    assert diagnose(_trained(model, torch.randn(32, 4))) == []
+
+
+def test_loaded_statistics_without_a_batch_count_are_not_untrained():
+    """A checkpoint from elsewhere may carry statistics but num_batches_tracked = 0."""
+    bn = nn.BatchNorm1d(3).eval()
+    state = bn.state_dict()
+    state["running_mean"] = torch.tensor([0.5, -1.0, 2.0])
+    bn.load_state_dict(state)
+    assert int(bn.num_batches_tracked) == 0
+    assert diagnose(bn) == []
+    fresh = nn.BatchNorm1d(3).eval()
+    assert _codes(diagnose(fresh)) == [("", "untrained-running-stats")]
+
+
+def test_a_lazy_bn_that_never_ran_is_untrained_and_x_is_refused():
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.LazyBatchNorm1d()).eval()
+    assert _codes(diagnose(model)) == [("1", "untrained-running-stats")]
+    with pytest.raises(ValueError, match="lazy"):
+        diagnose(model, torch.randn(8, 4))
+    assert isinstance(model[1], nn.LazyBatchNorm1d)  # still uninitialized
+
+
+# ----------------------------------------------------------- stale-running-stats
+
+
+def _stale_pair():
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6))
+    return _trained(model, torch.randn(256, 4)), torch.randn(64, 4)
+
+
+def test_stale_running_stats_shifted_and_scaled():
+    model, x = _stale_pair()
+    assert diagnose(model, x) == []  # the same distribution
+    assert diagnose(model) == []  # needs x
+    assert _codes(diagnose(model, x + 5)) == [("1", "stale-running-stats")]
+    assert _codes(diagnose(model, 5 * x)) == [("1", "stale-running-stats")]  # var x 25
+    assert _codes(diagnose(model, x / 5)) == [("1", "stale-running-stats")]  # var / 25
+    assert "AdaBN" in diagnose(model, x + 5)[0].message
+
+
+def test_stale_running_stats_over_all_dims_but_channels():
+    model = _trained(nn.Sequential(nn.BatchNorm2d(3)), torch.randn(16, 3, 5, 5))
+    x = torch.randn(4, 3, 5, 5)
+    assert diagnose(model, x) == []
+    assert _codes(diagnose(model, x - 3)) == [("0", "stale-running-stats")]
+
+
+def test_stale_is_not_repeated_for_untrained_statistics():
+    model = nn.Sequential(nn.BatchNorm1d(6)).eval()
+    assert _codes(diagnose(model, torch.randn(16, 6) + 10)) == [
+        ("0", "untrained-running-stats")]
+
+
+# ------------------------------------------------------------------- small-batch
+
+
+def test_small_batch():
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6))
+    found = diagnose(model, torch.randn(4, 4))
+    assert _codes(found) == [("1", "small-batch")]
+    assert "GroupNorm" in found[0].message
+    assert diagnose(model, torch.randn(8, 4)) == []
+    assert diagnose(model) == []  # needs x
+    assert _codes(diagnose(Custom(), torch.randn(4, 4))) == [("norm", "small-batch")]
+    model = _trained(model, torch.randn(64, 4))
+    assert diagnose(model, torch.randn(4, 4)) == []  # eval mode: running statistics
+
+
+def test_small_batch_without_running_statistics_even_in_eval_mode():
+    bn = nn.BatchNorm2d(3, track_running_stats=False).eval()
+    assert _codes(diagnose(bn, torch.randn(2, 3, 4, 4))) == [("", "small-batch")]
+
+
+# ------------------------------------------------------------- the model untouched
+
+
+def _state(model: nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
+            [m.training for m in model.modules()],
+            [id(t) for t in model.state_dict(keep_vars=True).values()],
+            [p.requires_grad for p in model.parameters()])
+
+
+def _assert_same_state(model: nn.Module, before) -> None:
+    after = _state(model)
+    assert list(after[0]) == list(before[0])
+    for key in before[0]:
+        assert torch.equal(after[0][key], before[0][key]), key
+    assert after[1:] == before[1:]
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_model_is_untouched(device, training):
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=0.99), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(6, 6), bnn.BatchNorm1d(6), renorm.BatchRenorm1d(6),
+    ).to(device)
+    _trained(model, torch.randn(64, 4, device=device), steps=3)
+    model.train(training)
+    model[1].eval()  # a mix of modes
+    x = torch.randn(4, 4, device=device)
+    loss = model(x).sum()  # a pending backward must survive the call
+    before, rng = _state(model), torch.get_rng_state()
+    found = diagnose(model, x)
+    assert found  # it did look
+    _assert_same_state(model, before)
+    assert torch.equal(torch.get_rng_state(), rng)
+    loss.backward()
+
+
+def test_the_model_is_untouched_when_the_forward_raises():
+    class Raises(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.norm = nn.Linear(4, 6), nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            self.norm(self.fc(x))  # updates the running statistics, then fails
+            self.norm.running_var = torch.full((6,), 7.0)  # rebinds a buffer
+            self.eval()
+            raise RuntimeError("boom")
+
+    model = Raises()
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        diagnose(model, torch.randn(16, 4))
+    _assert_same_state(model, before)
+    assert model.training and model.norm.training
+
+
+def test_a_wrong_input_raises_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6))
+    before = _state(model)
+    with pytest.raises(RuntimeError):
+        diagnose(model, torch.randn(16, 5))
+    _assert_same_state(model, before)
+
+
+# ------------------------------------------------------------ every BN class counts
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.BatchNorm1d(6, momentum=0.9),
+    lambda: nn.SyncBatchNorm(6, momentum=0.9),
+    lambda: bnn.BatchNorm1d(6, momentum=0.9),
+    lambda: renorm.BatchRenorm1d(6, momentum=0.9),
+    lambda: ghost.GhostBatchNorm1d(6, virtual_batch_size=4, momentum=0.9),
+], ids=["torch", "sync", "bnlib", "renorm", "ghost"])
+def test_every_bn_class_is_recognised(make):
+    model = nn.Sequential(nn.Linear(4, 6), make())
+    assert _codes(diagnose(model)) == [("1", "bias-before-bn"), ("1", "keras-momentum")]
+    model.eval()
+    traced = _codes(diagnose(model, torch.randn(16, 4)))
+    assert traced[:2] == [("1", "bias-before-bn"), ("1", "keras-momentum")]
+
+
+def test_ghost_bn_small_virtual_batches():
+    model = nn.Sequential(ghost.GhostBatchNorm1d(6, virtual_batch_size=4))
+    assert _codes(diagnose(model, torch.randn(32, 6))) == [("0", "small-batch")]
+    model = nn.Sequential(ghost.GhostBatchNorm1d(6, virtual_batch_size=16))
+    assert diagnose(model, torch.randn(32, 6)) == []
+
+
+def test_no_batch_norm_no_findings():
+    assert diagnose(nn.Sequential()) == []
+    assert diagnose(nn.Sequential(), torch.randn(3, 4)) == []
+    assert diagnose(nn.Linear(4, 2), torch.randn(3, 4)) == []
+    assert diagnose(nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5),
+                                  nn.LayerNorm(6))) == []
+
+
+# -------------------------------------------------------------- order and printing
+
+
+def test_findings_in_module_order_then_code_order():
+    model = nn.Sequential(
+        nn.Dropout(0.5), nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=0.99),
+        nn.Linear(6, 6), _frozen(nn.BatchNorm1d(6, momentum=0.9)),
+    )
+    assert _codes(diagnose(model, torch.randn(4, 4))) == [
+        ("2", "bias-before-bn"), ("2", "keras-momentum"), ("2", "dropout-before-bn"),
+        ("2", "small-batch"),
+        ("4", "bias-before-bn"), ("4", "keras-momentum"), ("4", "frozen-but-updating"),
+        ("4", "small-batch"),
+    ]
+    assert list(CODES).index("bias-before-bn") == 0 and len(set(CODES)) == 7
+
+
+def test_printing_and_the_notebook_table():
+    found = diagnose(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=0.99)))
+    assert isinstance(found, Findings) and isinstance(found, list)
+    assert all(isinstance(f, Finding) for f in found)
+    assert str(found[0]).startswith("1: [bias-before-bn] ")
+    assert str(found).splitlines() == [str(f) for f in found]
+    assert repr(found) == str(found)
+    table = found._repr_html_()
+    assert table.startswith("<table>") and table.count("<tr>") == 1 + len(found)
+    assert "<code>keras-momentum</code>" in table
+    assert found._repr_markdown_().count("\n| `1` |") == 2
+    empty = diagnose(nn.Sequential())
+    assert "No batch-norm problems" in str(empty)
+    assert "<table>" not in empty._repr_html_()
+    assert str(Finding("keras-momentum", "", "m")) == "(model): [keras-momentum] m"
+
+
+def test_the_html_is_escaped():
+    table = Findings([Finding("bias-before-bn", "a<b>", "x & y")])._repr_html_()
+    assert "a&lt;b&gt;" in table and "x &amp; y" in table
+
+
+def test_exported_from_bnlib():
+    assert bnlib.diagnose is diagnose and bnlib.Finding is Finding
+    assert {"diagnose", "Finding"} <= set(bnlib.__all__)
