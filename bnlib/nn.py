@@ -52,7 +52,8 @@ from torch import Tensor, nn
 __all__ = ["BatchNormFunction", "batch_norm",
            "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
            "BatchRenormFunction", "BatchRenorm1d", "BatchRenorm2d",
-           "GhostBatchNorm1d", "GhostBatchNorm2d"]
+           "GhostBatchNorm1d", "GhostBatchNorm2d",
+           "SyncBatchNorm", "revert_sync_batchnorm"]
 
 _REDUCED = (torch.float16, torch.bfloat16)  # computed in float32, like torch
 _CHUNK_BYTES = 1 << 19  # a chunk of this size, and its temporaries, stay in L2 cache
@@ -710,3 +711,4 @@ _register_fusers()
 
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d  # noqa: E402
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenormFunction  # noqa: E402
+from .sync import SyncBatchNorm, revert_sync_batchnorm  # noqa: E402

@@ -1,0 +1,391 @@
+"""Synchronized batch norm: the statistics of a batch split across processes, combined
+over ``torch.distributed``, as the module ``SyncBatchNorm``.
+
+When a batch is split across processes (one per GPU, or per CPU worker), each process
+sees a small shard. ``SyncBatchNorm`` normalizes every shard with the statistics of the
+whole batch, so that P processes with shards x_1, ..., x_P compute what one process
+computes on the concatenated batch [x_1; ...; x_P].
+
+Forward. Each process p has n_p values per channel, their mean mu_p and their sum of
+squared deviations M2_p = sum((x_p - mu_p)^2) (two passes over the shard). The triples
+are gathered from every process and merged with Chan, Golub and LeVeque's parallel
+formula (1979), which never subtracts two large sums as E[x^2] - E[x]^2 does:
+
+    n   = sum_p n_p,     mu = sum_p n_p * mu_p / n
+    M2  = sum_p M2_p + sum_p n_p * (mu_p - mu)^2,     var = M2 / n
+    y   = gamma * (x - mu) * inv_std + beta,          inv_std = 1 / sqrt(var + eps)
+
+An empty shard contributes n_p = 0 and nothing else. The merge runs in float64 on every
+process, in the same order, so every process gets the same mu and var bit for bit, and
+the same running statistics (updated with the unbiased M2 / (n - 1)).
+
+Backward. The gradient of batch norm needs two per-channel sums over the whole batch,
+sum(dy) and sum(dy * x_hat); they are all-reduced (one call, a (2C,) tensor) and dx is
+the single-process closed form with n the total count:
+
+    dx = gamma * inv_std * (dy - sum(dy) / n - x_hat * sum(dy * x_hat) / n)
+
+dgamma = sum(dy * x_hat) and dbeta = sum(dy) are returned for the process's own shard,
+as torch's SyncBatchNorm does: summed over processes (which DistributedDataParallel's
+all-reduce does, up to its division by P) they are the single-process gradients.
+
+Design decisions:
+
+- ``SyncBatchNorm`` subclasses ``torch.nn.SyncBatchNorm`` and replaces its ``forward``
+  (torch's refuses CPU tensors): it has torch's constructor (with ``process_group``),
+  parameters, buffers and ``state_dict``, and ``isinstance(m, torch.nn.SyncBatchNorm)``
+  holds, for code that special-cases it (DDP, fusers, weight-decay rules).
+- It synchronizes only in training mode, when ``torch.distributed`` is initialized and
+  the group has more than one process. Otherwise (eval mode, no process group, a group
+  of one) it is ``bnlib.nn``'s BatchNorm exactly, with no communication; eval mode
+  without running statistics uses the local batch's, as torch's does.
+- Input: (N, C, *spatial) with any number of spatial dims, as torch's (dim >= 2).
+  Shards may have different batch sizes, or none (N = 0). "More than one value per
+  channel" is checked on the whole batch: a shard of one sample is fine when the
+  others have more. Every other check runs on each process before any communication,
+  in torch's order and with torch's exception types; nothing is written before every
+  check has passed.
+- Every process must make the same calls: the forward in training mode, and the
+  backward through the layer (as with DDP). The backward always all-reduces, even where
+  dx is not needed, so that no process waits for a call another skipped. A process that
+  raises or dies makes the others fail in the collective (at the latest after the
+  process group's ``timeout``) with a RuntimeError that says so.
+- Double backward is not supported in synchronized mode (the backward's all-reduce is
+  not differentiable): it raises. torch.compile and torch.func are not supported in
+  synchronized mode either; in the other modes the module is bnlib.nn's BatchNorm.
+- :meth:`SyncBatchNorm.convert_sync_batchnorm` swaps torch's and bnlib's
+  BatchNorm1d/2d/3d (and torch's SyncBatchNorm) for ``SyncBatchNorm``, keeping the very
+  parameter and buffer tensors (so ``requires_grad``, devices and an optimizer's
+  references survive) and each module's train/eval mode. Batch Renorm and Ghost BN
+  are not batch norm and are left as they are. The replaced class is kept in the new
+  module's ``revert_class`` attribute.
+- :func:`revert_sync_batchnorm` (a module-level function, also reachable as
+  ``SyncBatchNorm.revert_sync_batchnorm``) does the reverse, so that a model trained
+  with it can be evaluated on one CPU. PyTorch has no such function. The class each
+  SyncBatchNorm becomes is, in order: the ``batchnorm_class`` argument, the module's
+  ``revert_class`` (set by conversion, or by hand), else ``bnlib.nn.BatchNorm2d``.
+  ``revert_class`` is a plain attribute: it survives pickling and ``deepcopy`` but is
+  not in the ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "revert_sync_batchnorm"]
+
+
+# ------------------------------------------------------------------------- collectives
+
+
+def _world_size(group) -> int:
+    """The number of processes to synchronize with: 1 outside a process group (and for
+    a process that is not a member of ``group``)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return max(dist.get_world_size(group), 1)
+
+
+def _collective(op, *args, group) -> None:
+    """Run a collective; a failure (a peer that raised, died or timed out) becomes a
+    RuntimeError that says what was being waited for."""
+    try:
+        op(*args, group=group)
+    except RuntimeError as err:  # DistBackendError, a timeout, a closed connection
+        raise RuntimeError(
+            f"SyncBatchNorm: {op.__name__} over the process group failed. Every "
+            "process of the group must call the layer's forward (in training mode) "
+            "and backward; another process may have raised, died or skipped the "
+            f"call. The backend said: {err}"
+        ) from err
+
+
+def _gather_stats(xf: Tensor, group, world_size: int) -> tuple[int, Tensor, Tensor]:
+    """``(n, mu, M2)`` of the whole batch: its count of values per channel, and per
+    channel its mean and sum of squared deviations, merged from every process's shard
+    by Chan et al.'s formula. xf (N, C, ...) -> int, (C,) float64, (C,) float64."""
+    c = xf.shape[1]
+    n_p = xf.numel() // c  # this shard's values per channel, 0 for an empty shard
+    packed = torch.zeros(2 * c + 1, dtype=torch.float64, device=xf.device)
+    packed[0] = n_p
+    if n_p:
+        mu_p = _channel_sum(xf) / n_p  # (N, C, ...) -> (C,)
+        xc = xf - _bcast(mu_p, xf)
+        packed[1:c + 1] = mu_p
+        packed[c + 1:] = _channel_dot(xc, xc)  # M2_p = sum((x - mu_p)^2), (C,)
+    gathered = [torch.empty_like(packed) for _ in range(world_size)]
+    _collective(dist.all_gather, gathered, packed, group=group)
+    stats = torch.stack(gathered)  # (P, 2C + 1), the same on every process
+    counts, mus, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
+    n = int(counts.sum().item())
+    if n == 0:  # every shard empty
+        return 0, packed[1:c + 1], packed[c + 1:]
+    mu = (counts * mus).sum(0) / n  # (P, C) -> (C,)
+    m2 = m2s.sum(0) + (counts * (mus - mu) ** 2).sum(0)  # (P, C) -> (C,)
+    return n, mu, m2
+
+
+# --------------------------------------------------------------------------- function
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Batch norm with the whole batch's statistics, and its hand-written backward,
+    which all-reduces the two gradient sums.
+
+    ``apply(x, weight, bias, mean, inv_std, count, group) -> y``
+
+    - x: (N, C, *spatial), this process's shard (N may be 0).
+    - weight, bias: (C,) or None. mean, inv_std: (C,), the whole batch's statistics
+      (constants here: the backward formula accounts for their dependence on x).
+    - count: the whole batch's values per channel (an int); group: the process group.
+    - y: like x, ``weight * (x - mean) * inv_std + bias``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, inv_std, count, group):
+        xf = _compute(x)  # (N, C, ...), float32 for half inputs
+        scale = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
+        y = xf - _bcast(mean, xf)  # x - mu, in the output's buffer
+        if bias is None:
+            y = y.mul_(_bcast(scale, xf))
+        else:
+            y = _affine(y, scale, _to(bias, xf.dtype), inplace=True)
+        ctx.save_for_backward(x, weight, mean, inv_std)
+        ctx.count, ctx.group = count, group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _to(y, x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        """dx = gamma * inv_std * (dy - sum(dy) / n - x_hat * sum(dy * x_hat) / n) with
+        both sums all-reduced over the group; dgamma, dbeta are this shard's."""
+        x, weight, mean, inv_std = ctx.saved_tensors
+        xf = _compute(x)
+        dy = _to(dy, xf.dtype)
+        c, n = x.shape[1], ctx.count
+        xc = xf - _bcast(mean, xf)  # x - mu, (N, C, ...)
+        local = torch.cat([_channel_sum(dy), _channel_dot(xc, dy)])  # (2C,)
+        total = local.clone()
+        # Always, even where dx is not needed: every process must make the same calls.
+        _collective(dist.all_reduce, total, group=ctx.group)
+        dbeta_p, dgamma_p = local[:c], local[c:] * inv_std  # this shard's sums
+        dbeta, dgamma = total[:c], total[c:] * inv_std  # the whole batch's
+        need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_dx:
+            k_dy = inv_std if weight is None else _to(weight, xf.dtype) * inv_std
+            # dx = k_dy * dy + k_xc * (x - mu) + k_0, with x_hat = (x - mu) * inv_std:
+            k = k_dy / -n  # (C,)
+            k_xc, k_0 = k * inv_std * dgamma, k * dbeta  # (C,)
+            dx = _affine(xc, k_xc, k_0, inplace=True).addcmul_(dy, _bcast(k_dy, xf))
+            dx = _to(dx, x.dtype)
+        if need_dweight:
+            dw = _to(dgamma_p, weight.dtype)
+        if need_dbias:
+            db = _to(dbeta_p, ctx.bias_dtype)
+        return dx, dw, db, None, None, None, None
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_shard(x, running_mean, running_var, weight, bias, eps,
+                 num_features: int) -> None:
+    """bnlib.nn's checks of a training-mode batch norm, for one shard of a batch: in
+    the same order, with the same exception types, but without the one-value-per-
+    channel check (that is made on the whole batch) and for empty shards too (an
+    empty shard still takes part in the collectives)."""
+    if not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, got {eps}")
+    c = x.shape[1]
+    if c != num_features:
+        raise RuntimeError(
+            f"expected input with {num_features} channels, shape (N, {num_features}, "
+            f"...), got {c} channels in an input of shape {tuple(x.shape)}"
+        )
+    named = [("running_mean", running_mean), ("running_var", running_var),
+             ("weight", weight), ("bias", bias)]
+    for name, v in named:
+        if v is not None and tuple(v.shape) != (c,):
+            raise RuntimeError(
+                f"{name} should contain {c} elements, one per channel of the input of "
+                f"shape {tuple(x.shape)}, not {v.numel()} (shape {tuple(v.shape)})"
+            )
+    if not x.is_floating_point():
+        raise NotImplementedError(
+            f"batch norm needs a floating-point input, got {x.dtype}; convert it with "
+            "x.float()"
+        )
+    present = [(name, v) for name, v in named if v is not None]
+    ok = {x.dtype, torch.float32} if x.dtype in _REDUCED else {x.dtype}
+    if present and not (present[0][1].dtype in ok
+                        and all(v.dtype == present[0][1].dtype for _, v in present)):
+        kinds = ", ".join(f"{name} {v.dtype}" for name, v in present)
+        raise RuntimeError(
+            f"mixed dtype: the input is {x.dtype} but the parameters and buffers are "
+            f"{kinds}; convert one of them (e.g. module.to({x.dtype}))"
+        )
+
+
+# --------------------------------------------------------------------------- module
+
+
+def _bias_kwarg(bn: nn.Module) -> dict:
+    """``{"bias": False}`` for an affine batch norm without a bias, else nothing (so
+    that classes whose constructor has no ``bias`` argument still work)."""
+    return {"bias": False} if bn.affine and bn.bias is None else {}
+
+
+def _swap(bn: nn.Module, cls, **kwargs) -> nn.Module:
+    """A ``cls`` batch norm holding bn's very parameters and buffers (shared, not
+    copied: requires_grad, device and an optimizer's references are kept), bn's
+    train/eval mode and qconfig."""
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+              device="meta", **kwargs, **_bias_kwarg(bn))
+    for name in ("weight", "bias"):
+        new._parameters[name] = bn._parameters.get(name)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        new._buffers[name] = bn._buffers.get(name)
+    new.training = bn.training
+    if hasattr(bn, "qconfig"):
+        new.qconfig = bn.qconfig
+    return new
+
+
+def revert_sync_batchnorm(module: nn.Module,
+                          batchnorm_class: type[nn.Module] | None = None) -> nn.Module:
+    """Turn every SyncBatchNorm (bnlib's or torch's) in ``module`` back into a batch
+    norm, to run the model in one process; the reverse of
+    :meth:`SyncBatchNorm.convert_sync_batchnorm`.
+
+    Each becomes a ``batchnorm_class`` if given, else its ``revert_class`` (the class
+    that convert_sync_batchnorm replaced, or one set by hand), else
+    ``bnlib.nn.BatchNorm2d``: a batch norm has a fixed number of input dims, and a
+    SyncBatchNorm that was never converted from one cannot know which. The new module
+    holds the very same parameter and buffer tensors and keeps the train/eval mode.
+    Returns ``module`` with its SyncBatchNorms replaced, or the new batch norm if
+    ``module`` is itself one.
+    """
+    out = module
+    if isinstance(module, nn.SyncBatchNorm):
+        cls = batchnorm_class or getattr(module, "revert_class", None) or BatchNorm2d
+        out = _swap(module, cls)
+    for name, child in module.named_children():
+        out.add_module(name, revert_sync_batchnorm(child, batchnorm_class))
+    return out
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """Batch norm over (N, C, *spatial) input with the statistics of the batch split
+    across the processes of ``process_group`` (the whole world by default); drop-in
+    for ``torch.nn.SyncBatchNorm``, on CPU (gloo) and CUDA (NCCL).
+
+    ``SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
+    track_running_stats=True, process_group=None, device=None, dtype=None, *,
+    bias=True)``: parameters weight, bias (C,) and buffers running_mean,
+    running_var (C,), num_batches_tracked, as torch's. Outside a process group, with
+    a group of one, and in eval mode it is ``bnlib.nn.BatchNorm``.
+    """
+
+    revert_class: type[nn.Module] | None = None  # what revert_sync_batchnorm makes
+
+    revert_sync_batchnorm = staticmethod(revert_sync_batchnorm)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input of "
+                             f"shape {tuple(x.shape)})")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # FX tracing: a leaf module, as torch's are
+            return _BatchNorm.forward(self, x)
+        self._check_input_dim(x)
+        self._check_non_zero_input_channels(x)
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        world_size = _world_size(group) if self.training else 1
+        if world_size == 1:  # eval, or nothing to synchronize with: batch norm
+            return _BatchNorm.forward(self, x)
+        return self._sync_forward(x, group, world_size)
+
+    def _sync_forward(self, x: Tensor, group, world_size: int) -> Tensor:
+        _bn_training, running_mean, running_var = _mode(self)
+        _check_shard(x, running_mean, running_var, self.weight, self.bias, self.eps,
+                     self.num_features)
+        xf = _compute(x)
+        with torch.no_grad():
+            n, mu, m2 = _gather_stats(xf.detach(), group, world_size)
+        if n == 1:  # the same n on every process: they all raise
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{tuple(x.shape)} on this process and 1 value per channel over the "
+                f"{world_size} processes: batch statistics need at least two values "
+                "per channel"
+            )
+
+        # Only now, with every check passed, change the module's state.
+        factor: float | Tensor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average over the batches seen
+                factor = 1.0 / self.num_batches_tracked.double()
+        if n == 0:  # every shard empty: what batch norm does with an empty batch
+            return _empty_output(x, self.weight, self.bias)
+        inv_std = torch.rsqrt(m2 / n + self.eps)  # (C,), float64
+        y = SyncBatchNormFunction.apply(x, self.weight, self.bias, _to(mu, xf.dtype),
+                                        _to(inv_std, xf.dtype), n, group)
+        if running_mean is not None and running_var is not None:
+            with torch.no_grad():  # running += momentum * (stat - running)
+                unbiased_var = m2 / (n - 1)  # the whole batch's, with the total count
+                for running, stat in ((running_mean, mu), (running_var, unbiased_var)):
+                    running.lerp_(_to(stat, running.dtype), factor)
+        return y
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module,
+                               process_group=None) -> nn.Module:
+        """Replace every BatchNorm1d/2d/3d in ``module`` (torch's and bnlib's) and
+        every torch SyncBatchNorm by a bnlib ``SyncBatchNorm`` synchronizing over
+        ``process_group`` (the whole world by default).
+
+        The new modules hold the very parameter and buffer tensors of the old ones
+        (requires_grad, device and an optimizer's references are kept) and their
+        train/eval mode; each remembers the replaced class in ``revert_class``, for
+        :func:`revert_sync_batchnorm`. bnlib SyncBatchNorms are left as they are, and
+        so are other normalizations (Batch Renorm, Ghost BN, lazy batch norms).
+        Returns ``module`` with the replacements made, or the new SyncBatchNorm if
+        ``module`` is itself a batch norm.
+        """
+        out = module
+        if isinstance(module, _CONVERTED) and not isinstance(module, SyncBatchNorm):
+            out = _swap(module, cls, process_group=process_group)
+            if not isinstance(module, nn.SyncBatchNorm):
+                out.revert_class = type(module)
+            else:
+                out.revert_class = getattr(module, "revert_class", None)
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out
+
+
+_CONVERTED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+# Imported last: bnlib.nn re-exports this module's names at its own end, so whichever
+# of the two is imported first, the other finds what it needs already defined.
+from .nn import (  # noqa: E402
+    _REDUCED,
+    BatchNorm2d,
+    _affine,
+    _BatchNorm,
+    _bcast,
+    _channel_dot,
+    _channel_sum,
+    _compute,
+    _empty_output,
+    _mode,
+    _to,
+)
