@@ -148,7 +148,18 @@ def _cases(device: str, quick: bool) -> list[Case]:
                           partial(eval_step, theirs_e, x),
                           copy_of(x), traffic=2, target=1.2))
 
-    # 3. The sizes the book trains: per-call overhead, not memory, is the cost.
+    # 3. torch.compile of bnlib.nn (Inductor fuses the traced equations) against
+    # torch.nn's eager kernel: the target is to be at least as fast.
+    x, dy = tensors(image)
+    xt = x.clone().requires_grad_()
+    compiled = torch.compile(bnn.BatchNorm2d(image[1]).to(device), fullgraph=True)
+    theirs = torch.nn.BatchNorm2d(image[1]).to(device)
+    cases.append(Case("torch.compile(bnlib.nn) fwd+bwd vs torch.nn", image,
+                      partial(train_step, compiled, xt, dy),
+                      partial(train_step, theirs, xt, dy),
+                      copy_of(x), traffic=5, target=1.0))
+
+    # 4. The sizes the book trains: per-call overhead, not memory, is the cost.
     def repeated(fn, n):
         def run():
             for _ in range(n):

@@ -19,7 +19,8 @@ def test_quick_benchmark_writes_json(tmp_path, capsys):
     names = {r["name"] for r in result["results"]}
     assert names == {"numpy_fast fwd+bwd vs torch native",
                      "bnlib.nn fwd+bwd vs torch.nn", "bnlib.nn eval fwd vs torch.nn",
-                     "bnlib.nn fwd+bwd vs torch.nn (small)"}
+                     "bnlib.nn fwd+bwd vs torch.nn (small)",
+                     "torch.compile(bnlib.nn) fwd+bwd vs torch.nn"}
     for r in result["results"]:
         assert r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["ratio"] > 0
         assert r["best_ratio"] == pytest.approx(r["ours_min_ms"] / r["torch_min_ms"])

@@ -336,6 +336,27 @@ def test_torch_export_one_op_outputs_gradients_and_state(training):
         torch.testing.assert_close(b, b_twin, atol=1e-14, rtol=0, msg=name)
 
 
+def test_torch_compile_traces_tensor_ops_that_inductor_can_fuse():
+    """Under torch.compile the graph holds the equations as tensor operations (Inductor
+    fuses them), not the opaque operator; results equal eager."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes])
+        return gm.forward
+
+    torch._dynamo.reset()
+    ours, ref = _twins(torch.nn.BatchNorm2d, 3)
+    x = torch.randn(4, 3, 5, 5, dtype=D, requires_grad=True)
+    y = torch.compile(ours, backend=backend, fullgraph=True)(x)
+    assert graphs and not any("bnlib" in t for t in graphs[0])
+    torch.testing.assert_close(y, ref(x), atol=1e-12, rtol=0)
+    (g_c,) = torch.autograd.grad((y ** 3).sum(), x)
+    (g_r,) = torch.autograd.grad((ref(x) ** 3).sum(), x)
+    assert g_r.abs().max() > 0.1
+    torch.testing.assert_close(g_c, g_r, atol=1e-10, rtol=1e-10)
+
+
 def test_custom_op_registrations_pass_opcheck():
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration and
     AOT dispatch, for the forward and the backward operator."""
