@@ -532,6 +532,14 @@ def _check_args(x, running_mean, running_var, weight, bias, training, eps,
             "(torch.func.stack_module_state), or stop tracking running statistics "
             "(torch.func.replace_all_batch_norm_modules_), or use eval mode."
         )
+    _check_tensors(x, running_mean, running_var, weight, bias, training, num_features)
+    return True
+
+
+def _check_tensors(x, running_mean, running_var, weight, bias, training,
+                   num_features: int | None = None) -> None:
+    """The checks torch's kernel makes, in its order: the channel count, the (C,)
+    shapes, running statistics in eval, a floating-point input, one dtype."""
     c = x.shape[1]
     if num_features is not None and c != num_features and any(
             v is not None for v in (running_mean, running_var, weight, bias)):
@@ -567,7 +575,6 @@ def _check_args(x, running_mean, running_var, weight, bias, training, eps,
             f"mixed dtype: the input is {x.dtype} but the parameters and buffers are "
             f"{kinds}; convert one of them (e.g. module.to({x.dtype}))"
         )
-    return True
 
 
 def _empty_output(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
