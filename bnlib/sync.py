@@ -31,10 +31,17 @@ all-reduce does, up to its division by P) they are the single-process gradients.
 
 Design decisions:
 
-- ``SyncBatchNorm`` subclasses ``torch.nn.SyncBatchNorm`` and replaces its ``forward``
-  (torch's refuses CPU tensors): it has torch's constructor (with ``process_group``),
-  parameters, buffers and ``state_dict``, and ``isinstance(m, torch.nn.SyncBatchNorm)``
-  holds, for code that special-cases it (DDP, fusers, weight-decay rules).
+- ``SyncBatchNorm`` subclasses torch's ``_BatchNorm`` (the base of BatchNorm1d/2d/3d
+  and of torch's SyncBatchNorm), **not** ``torch.nn.SyncBatchNorm``, whose ``forward``
+  refuses CPU tensors. It has torch's SyncBatchNorm's constructor (with
+  ``process_group``), parameters, buffers, ``state_dict`` (keys and version: a state
+  dict loads either way), ``_check_input_dim``, ``convert_sync_batchnorm`` and repr.
+  Why not subclass torch's: ``DistributedDataParallel`` refuses any module containing a
+  ``torch.nn.SyncBatchNorm`` when the model is on CPU ("SyncBatchNorm layers only work
+  with GPU modules"), and training on several CPU processes under DDP is this class's
+  point. The trade, deliberate: ``isinstance(m, torch.nn.SyncBatchNorm)`` is False for
+  it; ``isinstance(m, torch.nn.modules.batchnorm._BatchNorm)`` holds, which is what
+  most code that looks for batch norms checks (``bnlib.diagnose``, weight-decay rules).
 - It synchronizes only in training mode, when ``torch.distributed`` is initialized and
   the group has more than one process. Otherwise (eval mode, no process group, a group
   of one) it is ``bnlib.nn``'s BatchNorm exactly, with no communication; eval mode
@@ -54,26 +61,30 @@ Design decisions:
   not differentiable): it raises. torch.compile and torch.func are not supported in
   synchronized mode either; in the other modes the module is bnlib.nn's BatchNorm.
 - :meth:`SyncBatchNorm.convert_sync_batchnorm` swaps torch's and bnlib's
-  BatchNorm1d/2d/3d (and torch's SyncBatchNorm) for ``SyncBatchNorm``, keeping the very
-  parameter and buffer tensors (so ``requires_grad``, devices and an optimizer's
-  references survive) and each module's train/eval mode. Batch Renorm and Ghost BN
-  are not batch norm and are left as they are. The replaced class is kept in the new
-  module's ``revert_class`` attribute.
+  BatchNorm1d/2d/3d (and torch's SyncBatchNorm) for bnlib's ``SyncBatchNorm``,
+  keeping the very parameter and buffer tensors (so ``requires_grad``, devices and an
+  optimizer's references survive) and each module's train/eval mode. Batch Renorm
+  and Ghost BN are not batch norm and are left as they are. The replaced class is kept
+  in the new module's ``revert_class`` attribute.
 - :func:`revert_sync_batchnorm` (a module-level function, also reachable as
-  ``SyncBatchNorm.revert_sync_batchnorm``) does the reverse, so that a model trained
-  with it can be evaluated on one CPU. PyTorch has no such function. The class each
-  SyncBatchNorm becomes is, in order: the ``batchnorm_class`` argument, the module's
-  ``revert_class`` (set by conversion, or by hand), else ``bnlib.nn.BatchNorm2d``.
+  ``SyncBatchNorm.revert_sync_batchnorm``) does the reverse, for bnlib's and torch's
+  SyncBatchNorm, so that a model trained with it can be evaluated on one CPU. PyTorch
+  has no such function. The class each SyncBatchNorm becomes is, in order: the
+  ``batchnorm_class`` argument, the module's ``revert_class`` (set by conversion, or
+  by hand), else ``bnlib.nn.BatchNorm2d``.
   ``revert_class`` is a plain attribute: it survives pickling and ``deepcopy`` but is
   not in the ``state_dict``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "revert_sync_batchnorm"]
 
@@ -207,28 +218,7 @@ def _check_shard(x, running_mean, running_var, weight, bias, eps,
             f"expected input with {num_features} channels, shape (N, {num_features}, "
             f"...), got {c} channels in an input of shape {tuple(x.shape)}"
         )
-    named = [("running_mean", running_mean), ("running_var", running_var),
-             ("weight", weight), ("bias", bias)]
-    for name, v in named:
-        if v is not None and tuple(v.shape) != (c,):
-            raise RuntimeError(
-                f"{name} should contain {c} elements, one per channel of the input of "
-                f"shape {tuple(x.shape)}, not {v.numel()} (shape {tuple(v.shape)})"
-            )
-    if not x.is_floating_point():
-        raise NotImplementedError(
-            f"batch norm needs a floating-point input, got {x.dtype}; convert it with "
-            "x.float()"
-        )
-    present = [(name, v) for name, v in named if v is not None]
-    ok = {x.dtype, torch.float32} if x.dtype in _REDUCED else {x.dtype}
-    if present and not (present[0][1].dtype in ok
-                        and all(v.dtype == present[0][1].dtype for _, v in present)):
-        kinds = ", ".join(f"{name} {v.dtype}" for name, v in present)
-        raise RuntimeError(
-            f"mixed dtype: the input is {x.dtype} but the parameters and buffers are "
-            f"{kinds}; convert one of them (e.g. module.to({x.dtype}))"
-        )
+    _check_tensors(x, running_mean, running_var, weight, bias, True, num_features)
 
 
 # --------------------------------------------------------------------------- module
@@ -271,7 +261,7 @@ def revert_sync_batchnorm(module: nn.Module,
     ``module`` is itself one.
     """
     out = module
-    if isinstance(module, nn.SyncBatchNorm):
+    if isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
         cls = batchnorm_class or getattr(module, "revert_class", None) or BatchNorm2d
         out = _swap(module, cls)
     for name, child in module.named_children():
@@ -279,26 +269,59 @@ def revert_sync_batchnorm(module: nn.Module,
     return out
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(_TorchBatchNorm):
     """Batch norm over (N, C, *spatial) input with the statistics of the batch split
     across the processes of ``process_group`` (the whole world by default); drop-in
-    for ``torch.nn.SyncBatchNorm``, on CPU (gloo) and CUDA (NCCL).
+    for ``torch.nn.SyncBatchNorm``, on CPU (gloo) and CUDA (NCCL), and usable under
+    ``DistributedDataParallel`` on CPU too.
 
     ``SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
     track_running_stats=True, process_group=None, device=None, dtype=None, *,
-    bias=True)``: parameters weight, bias (C,) and buffers running_mean,
-    running_var (C,), num_batches_tracked, as torch's. Outside a process group, with
-    a group of one, and in eval mode it is ``bnlib.nn.BatchNorm``.
+    bias=True)``, torch's SyncBatchNorm's signature: parameters weight, bias (C,) and
+    buffers running_mean, running_var (C,), num_batches_tracked, as torch's, with the
+    same ``state_dict``. Outside a process group, with a group of one, and in eval mode
+    it is ``bnlib.nn.BatchNorm``.
+
+    It subclasses torch's ``_BatchNorm``, not ``torch.nn.SyncBatchNorm``: DDP refuses
+    a CPU model containing one of those. So ``isinstance(m, torch.nn.SyncBatchNorm)``
+    is False, a deliberate trade; test ``isinstance(m, (bnlib.sync.SyncBatchNorm,
+    torch.nn.SyncBatchNorm))`` to find both. Under DDP, ``broadcast_buffers=False`` is
+    enough: every process already holds the same running statistics.
     """
 
     revert_class: type[nn.Module] | None = None  # what revert_sync_batchnorm makes
 
     revert_sync_batchnorm = staticmethod(revert_sync_batchnorm)
 
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any | None = None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, bias=bias)
+        self.process_group = process_group
+
+    # _version, _load_from_state_dict (num_batches_tracked of old state dicts) and
+    # extra_repr are _NormBase's, which torch's SyncBatchNorm does not override either.
+
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input of "
                              f"shape {tuple(x.shape)})")
+
+    def _check_non_zero_input_channels(self, x: Tensor) -> None:
+        if x.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be "
+                             "non-zero")
 
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):  # FX tracing: a leaf module, as torch's are
@@ -377,13 +400,13 @@ _CONVERTED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Imported last: bnlib.nn re-exports this module's names at its own end, so whichever
 # of the two is imported first, the other finds what it needs already defined.
 from .nn import (  # noqa: E402
-    _REDUCED,
     BatchNorm2d,
     _affine,
     _BatchNorm,
     _bcast,
     _channel_dot,
     _channel_sum,
+    _check_tensors,
     _compute,
     _empty_output,
     _mode,

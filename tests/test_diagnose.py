@@ -374,7 +374,8 @@ def test_a_wrong_input_raises_and_changes_nothing():
     lambda: bnn.BatchNorm1d(6, momentum=0.9),
     lambda: renorm.BatchRenorm1d(6, momentum=0.9),
     lambda: ghost.GhostBatchNorm1d(6, virtual_batch_size=4, momentum=0.9),
-], ids=["torch", "sync", "bnlib", "renorm", "ghost"])
+    lambda: bnn.SyncBatchNorm(6, momentum=0.9),
+], ids=["torch", "sync", "bnlib", "renorm", "ghost", "bnlib-sync"])
 def test_every_bn_class_is_recognised(make):
     model = nn.Sequential(nn.Linear(4, 6), make())
     assert _codes(diagnose(model)) == [("1", "bias-before-bn"), ("1", "keras-momentum")]

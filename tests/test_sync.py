@@ -3,7 +3,8 @@ process's BatchNorm on the concatenated batch (outputs, input gradients, summed 
 and bias gradients, running statistics on every process), with unequal and empty
 shards; errors with no state changed; a failing peer makes the others fail within the
 timeout, never hang; outside a process group it is bnlib.nn's BatchNorm; conversion
-to and from BatchNorm.
+to and from BatchNorm; under DistributedDataParallel on CPU it trains what one process
+trains on the whole batch.
 
 Each spawned process runs a module-level function of this file (several checks per
 spawn: starting processes is what costs) and saves its results with torch.save; the
@@ -17,6 +18,7 @@ import multiprocessing as mp
 import os
 import time
 import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -357,6 +359,84 @@ def test_edge_cases_over_two_processes(tmp_path):
                                    rtol=1e-10)
 
 
+# --------------------------------------------------------------------------- DDP
+
+DDP_STEPS, DDP_SHARD = 2, 4  # training steps; examples per rank and step
+
+
+def _ddp_model(bn2d, bn1d):
+    """A small CNN with two batch norms, float64, the same initial weights each call."""
+    torch.manual_seed(5)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), bn2d(3), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(3 * 3 * 3, 4), bn1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 1),
+    ).double()
+
+
+def _ddp_data(world_size):
+    """Per step, the whole batch (inputs, targets) of world_size equal shards."""
+    g = torch.Generator().manual_seed(21)
+    n = world_size * DDP_SHARD
+    return [(torch.randn(n, 2, 5, 5, generator=g, dtype=D) * 2 + 1,
+             torch.randn(n, 1, generator=g, dtype=D)) for _ in range(DDP_STEPS)]
+
+
+def _ddp_train(model, data, rows):
+    """SGD with momentum on rows of each batch; the loss is the mean over those rows."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, t in data:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[rows]), t[rows]).backward()
+        opt.step()
+
+
+def _body_ddp(rank, world_size):
+    """DDP on CPU around a model with bnlib's SyncBatchNorm: 2 steps on this shard."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = _ddp_model(SyncBatchNorm, SyncBatchNorm)
+    # broadcast_buffers=False: SyncBatchNorm already gives every rank the same running
+    # statistics (the whole batch's), so there is nothing for DDP to copy from rank 0.
+    # (torch 2.13 renames it forward_sync_buffers, which torch 2.1 lacks; hence the
+    # old name, and its FutureWarning silenced.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ddp = DDP(model, broadcast_buffers=False)  # raises for torch's SyncBatchNorm
+    rows = slice(rank * DDP_SHARD, (rank + 1) * DDP_SHARD)
+    _ddp_train(ddp, _ddp_data(world_size), rows)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_ddp_on_cpu_trains_as_one_process(tmp_path):
+    """DDP accepts bnlib's SyncBatchNorm on CPU, and 2 ranks x 2 steps train what one
+    process trains on the whole batch: parameters and running statistics, both ranks.
+
+    Each rank's loss is the mean over its shard of 4; DDP averages the 2 ranks'
+    gradients, which (equal shards) is the gradient of the mean loss over all 8, the
+    single-process loss."""
+    states = _ok(_spawn(_body_ddp, 2, tmp_path))
+    ref = _ddp_model(bnn.BatchNorm2d, bnn.BatchNorm1d)
+    _ddp_train(ref, _ddp_data(2), slice(None))
+    want = ref.state_dict()
+    diff = {}
+    for rank, state in enumerate(states):
+        assert list(state) == list(want)
+        for key, value in want.items():
+            if key.endswith("num_batches_tracked"):
+                assert state[key].item() == value.item() == DDP_STEPS
+                continue
+            torch.testing.assert_close(state[key], value, atol=1e-12, rtol=1e-12,
+                                       msg=f"rank {rank}: {key}")
+            kind = "running" if "running" in key else "parameters"
+            d = (state[key] - value).abs().max().item()
+            diff[kind] = max(diff.get(kind, 0.0), d)
+        if rank:  # bit for bit rank 0's: the same averaged gradients, the same merge
+            for key, value in state.items():
+                assert torch.equal(value, states[0][key]), key
+    assert not torch.equal(want["0.weight"], _ddp_model(torch.nn.BatchNorm2d,
+                                                        torch.nn.BatchNorm1d)[0].weight)
+    print(f"\nDDP + SyncBatchNorm vs one process, max |difference|: {diff}")
+
+
 # --------------------------------------------------------------------------- failures
 
 
@@ -457,14 +537,42 @@ def test_group_of_one_is_batchnorm(tmp_path):
 
 
 def test_constructor_and_state_dict_match_torch():
-    sig = inspect.signature(SyncBatchNorm.__init__)
+    # bnlib's annotations are strings (from __future__ import annotations): evaluated,
+    # the signature is torch's, names, kinds, defaults and annotations.
+    sig = inspect.signature(SyncBatchNorm.__init__, eval_str=True)
     assert sig == inspect.signature(torch.nn.SyncBatchNorm.__init__)
-    ours = SyncBatchNorm(5, momentum=0.3, process_group=None, dtype=D)
-    assert isinstance(ours, torch.nn.SyncBatchNorm)
+    ours = SyncBatchNorm(5, momentum=0.3, process_group="pg", dtype=D)
+    assert ours.process_group == "pg"
+    # not torch's SyncBatchNorm, on purpose (DDP refuses those on CPU); a batch norm
+    assert not isinstance(ours, torch.nn.SyncBatchNorm)
+    assert isinstance(ours, torch.nn.modules.batchnorm._BatchNorm)
+    assert ours._version == torch.nn.SyncBatchNorm._version
+    with pytest.raises(ValueError, match="at least 2D input"):
+        ours._check_input_dim(torch.zeros(3))
+    ours._check_input_dim(torch.zeros(2, 5))
     theirs = torch.nn.SyncBatchNorm(5, momentum=0.3, dtype=D)
-    theirs.load_state_dict(ours.state_dict())
-    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert ours.state_dict()._metadata == theirs.state_dict()._metadata
+    with torch.no_grad():
+        for i, t in enumerate(ours.state_dict().values()):
+            t.copy_(torch.arange(t.numel(), dtype=t.dtype).view(t.shape) + i)
+    theirs.load_state_dict(ours.state_dict())  # ours -> torch's
+    for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+    fresh = SyncBatchNorm(5, momentum=0.3, dtype=D)
+    fresh.load_state_dict(theirs.state_dict())  # torch's -> ours
+    for (k, a), b in zip(fresh.state_dict().items(), ours.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+    # a state dict of before num_batches_tracked (version 1) loads, as into torch's
+    old = theirs.state_dict()
+    del old["num_batches_tracked"]
+    old._metadata[""]["version"] = 1
+    fresh.load_state_dict(old)
     assert repr(ours) == repr(theirs)
+    assert repr(SyncBatchNorm(3, affine=False, bias=False)) == repr(
+        torch.nn.SyncBatchNorm(3, affine=False, bias=False))
 
 
 def test_convert_and_revert():
@@ -493,8 +601,7 @@ def test_convert_and_revert():
     assert all(after[k] is v for k, v in before.items())  # the very tensors
     assert not converted[1][1].weight.requires_grad
     assert [m.training for m in converted.modules()] == modes
-    assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules()
-               if type(m) is SyncBatchNorm)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules())
 
     again = SyncBatchNorm.convert_sync_batchnorm(converted)  # already converted
     assert again[0] is converted[0]
