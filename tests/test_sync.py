@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from checks import named
 
 from bnlib import nn as bnn
 from bnlib import renorm
@@ -209,7 +210,8 @@ def test_matches_single_process_batchnorm(tmp_path, device):
             assert (ours is None) == (want is None), (case, what)
             if ours is None:
                 return
-            torch.testing.assert_close(ours.to(D), want, **tol, msg=f"{case}: {what}")
+            torch.testing.assert_close(ours.to(D), want, **tol,
+                                       msg=named(f"{case}: {what}"))
             if ours.numel():
                 diff = max(diff, (ours.to(D) - want).abs().max().item())
 
@@ -425,7 +427,7 @@ def test_ddp_on_cpu_trains_as_one_process(tmp_path):
                 assert state[key].item() == value.item() == DDP_STEPS
                 continue
             torch.testing.assert_close(state[key], value, atol=1e-12, rtol=1e-12,
-                                       msg=f"rank {rank}: {key}")
+                                       msg=named(f"rank {rank}: {key}"))
             kind = "running" if "running" in key else "parameters"
             d = (state[key] - value).abs().max().item()
             diff[kind] = max(diff.get(kind, 0.0), d)
