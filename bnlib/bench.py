@@ -15,6 +15,7 @@ same bytes, measured the same way.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -231,6 +232,7 @@ def run(rounds: int = 41, threads: int = 1, device: str = "cpu", quick: bool = F
         "python": sys.version.split()[0],
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "MKL_CBWR": os.environ.get("MKL_CBWR"),
+        "date": datetime.date.today().isoformat(),
     }
     return meta, results
 
