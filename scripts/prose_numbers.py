@@ -21,7 +21,7 @@ An entry of ``quoted_numbers`` that the prose no longer contains is reported too
 the list cannot go stale.
 
 Usage: ``python scripts/prose_numbers.py book/05_faster_convergence.ipynb [...]``;
-exit status 1 if anything is flagged. ``tests/test_prose_numbers.py`` runs it on every
+exit status 1 if anything is flagged. ``tests/test_chapters.py`` runs it on every
 chapter.
 """
 

@@ -14,6 +14,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from checks import named
 
 from bnlib import data, models
 from bnlib.train import fit
@@ -59,7 +60,7 @@ def test_the_initial_weights_are_the_ones_the_chapters_were_run_on():
              -0.026283537968993187]
     torch.testing.assert_close(
         w[0, :4], torch.tensor(first), rtol=0, atol=0,
-        msg=lambda r: f"bnlib.models.mlp(seed=0): first-layer weights changed: {r}")
+        msg=named("bnlib.models.mlp(seed=0): the first-layer weights changed"))
     assert abs(w.double().sum().item() - 0.9559173323655159) < 1e-9, (
         "bnlib.models.mlp(seed=0): the sum of the first layer's weights changed")
 
