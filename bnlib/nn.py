@@ -110,6 +110,9 @@ def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
     in one go, where Python's per-op overhead is what counts.
     """
     if a.dim() == 2:
+        if torch.is_autocast_enabled(a.device.type):  # autocast would run it in bf16
+            with torch.autocast(a.device.type, enabled=False):
+                return torch.linalg.vecdot(a, b, dim=0)
         return torch.linalg.vecdot(a, b, dim=0)  # (N, C) x2 -> (C,), one op
     if _small(a):
         return _channel_sum(a * b)
@@ -141,18 +144,21 @@ def _rows(v: Tensor, x: Tensor) -> Tensor | None:
 
 def _affine(t: Tensor, scale: Tensor, shift: Tensor, inplace: bool = False) -> Tensor:
     """Per channel, t * scale + shift in one pass: (N, C, *spatial), (C,), (C,).
-    With ``inplace`` the result is written into t (t must be a fresh tensor)."""
+    With ``inplace`` the result is written into t (t must be a fresh tensor).
+
+    The result is never a view: it is an operator's output, which the caller may
+    modify in place (BN -> ReLU(inplace=True)), and autograd forbids that on a view
+    created inside a custom Function."""
     scale_rows, shift_rows = _rows(scale, t), _rows(shift, t)
     if scale_rows is None:
         if inplace:
             return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t), out=t)
         return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t))
     n, c, k = t.shape[0], t.shape[1], scale_rows.shape[-1]
-    t4 = t.view(n, c, -1, k)  # (N, C, L / k, k)
-    if inplace:
-        torch.addcmul(shift_rows, t4, scale_rows, out=t4)
-        return t
-    return torch.addcmul(shift_rows, t4, scale_rows).view(t.shape)
+    out = t if inplace else torch.empty_like(t)  # contiguous, like t
+    torch.addcmul(shift_rows, t.view(n, c, -1, k), scale_rows,
+                  out=out.view(n, c, -1, k))  # (N, C, L / k, k)
+    return out
 
 
 # --------------------------------------------------------------------------- kernels
@@ -378,7 +384,11 @@ def _(info, in_dims, x, weight, bias, running_mean, running_var, training, eps):
         _fold(x, dx, b), _fold_vec(weight, dw, b), _fold_vec(bias, db, b),
         _fold_vec(running_mean, dm, b), _fold_vec(running_var, dv, b), training, eps)
     (mean, mean_dim), (var, var_dim) = _unfold_vec(mean, b), _unfold_vec(var, b)
-    return (_unfold(y, b), mean, var), (1, mean_dim, var_dim)
+    # y as a fresh (B, N, C, ...) tensor, not a view of the op's output: torch.func
+    # hands it on as the output of a custom Function, which an in-place op (ReLU(
+    # inplace=True)) may then modify only if it is not a view.
+    y = _unfold(y, b).movedim(1, 0).clone(memory_format=torch.contiguous_format)
+    return (y, mean, var), (0, mean_dim, var_dim)
 
 
 @_batch_norm_backward_op.register_vmap
@@ -524,6 +534,13 @@ def _check_args(x, running_mean, running_var, weight, bias, training, eps,
         raise ValueError(f"batch_norm eps must be non-negative, got {eps}")
     if x.numel() == 0:
         return False
+    if _fwAD._current_level >= 0 and _has_tangent(x) and (
+            _has_tangent(running_mean) or _has_tangent(running_var)):
+        raise RuntimeError(
+            "batch_norm is not differentiable wrt running_mean and running_var: they "
+            "are statistics, not inputs, and cannot carry a forward-mode tangent "
+            "(make the dual of x only, or detach the running statistics)"
+        )
     if training and _transformed() and running_mean is not None and (
             _batched(x) and not (_batched(running_mean) and _batched(running_var))):
         raise RuntimeError(
@@ -534,6 +551,11 @@ def _check_args(x, running_mean, running_var, weight, bias, training, eps,
         )
     _check_tensors(x, running_mean, running_var, weight, bias, training, num_features)
     return True
+
+
+def _has_tangent(t: Tensor | None) -> bool:
+    """True for a tensor that carries a forward-mode AD tangent (a dual tensor)."""
+    return t is not None and _fwAD.unpack_dual(t).tangent is not None
 
 
 def _check_tensors(x, running_mean, running_var, weight, bias, training,

@@ -475,3 +475,99 @@ def test_vmap_ensemble_in_training_updates_each_models_statistics():
                                    atol=1e-14, rtol=0)
         torch.testing.assert_close(buffers["running_var"][k], m.running_var,
                                    atol=1e-14, rtol=0)
+
+
+# ------------------------------------------------- what practitioners hit at real sizes
+# Inputs over 512 KiB take the kernels' large-input paths (row-tiled affine, chunked
+# sums), which the small inputs above never reach.
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 56, 56), (9, 64, 16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eval_output_takes_an_inplace_op_with_autograd_on(shape, dtype):
+    """Frozen-BN fine-tuning and saliency maps: eval mode, gradients on, then
+    ReLU(inplace=True) on BN's output (every torchvision CNN). The gradient equals
+    torch's; the output is not a view (autograd forbids in-place ops on those)."""
+    assert math.prod(shape) * torch.finfo(dtype).bits // 8 > 512 * 1024
+    ours, ref = _twins(torch.nn.BatchNorm2d, shape[1])
+    x0 = torch.randn(shape, dtype=D).to(dtype)
+    grads = []
+    for m in (ours, ref):
+        m.to(dtype).eval()
+        x = x0.clone().requires_grad_()
+        y = m(x)
+        assert y._base is None, f"{type(m).__module__}: BN's output is a view"
+        torch.nn.functional.relu(y, inplace=True).square().sum().backward()
+        grads.append((y.detach(), x.grad, m.weight.grad))
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == D else {}
+    assert_all_close(grads[0], grads[1], ["y", "grad of x", "grad of weight"], **tol)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_model_ensembling_recipe_with_inplace_relu_at_real_size(training):
+    """torch.func's ensembling recipe as written (stack_module_state, functional_call
+    under vmap, parameters left requiring grad) on Conv -> BN -> ReLU(inplace=True),
+    in eval and in training without running statistics: outputs and the gradients of
+    the stacked parameters equal torch's BN's."""
+    def make(lib):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), lib.BatchNorm2d(
+            64, track_running_stats=not training), torch.nn.ReLU(inplace=True)).double()
+
+    x = torch.randn(4, 3, 34, 34, dtype=D)  # each model's BN input: 4x64x32x32, 2 MiB
+    results = []
+    for lib in (bnn, torch.nn):
+        torch.manual_seed(0)
+        models = [make(lib).train(training) for _ in range(3)]
+        params, buffers = torch.func.stack_module_state(models)
+        assert all(p.requires_grad for p in params.values())
+        base = copy.deepcopy(models[0]).to("meta")
+        out = vmap(lambda p, b, base=base: functional_call(base, (p, b), (x,)),
+                   in_dims=(0, 0))(params, buffers)
+        out.square().sum().backward()
+        results.append([out.detach()] + [params[k].grad for k in sorted(params)])
+    names = ["output"] + [f"grad of {k}" for k in sorted(params)]
+    assert_all_close(results[0], results[1], names, atol=1e-10, rtol=1e-10)
+
+
+def test_forward_grad_on_running_stats_raises_like_torch():
+    """PyTorch's test_batchnorm_raises_error_if_running_var_or_running_mean_have_
+    forward_grad: the running statistics are not differentiable inputs."""
+    args = (torch.randn(3, 2, 5), torch.randn(2), torch.randn(2))
+    msg = "batch_norm is not differentiable wrt running_mean and running_var"
+    for dual_indices in ((0,), (1,), (1, 2), (0, 1), (0, 1, 2)):
+        tangents = [torch.rand_like(a) for a in args]
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(a, t) if i in dual_indices else a
+                     for i, (a, t) in enumerate(zip(args, tangents, strict=True))]
+            if 0 in dual_indices and (1 in dual_indices or 2 in dual_indices):
+                with pytest.raises(RuntimeError, match=msg):
+                    bnn.batch_norm(*duals, training=False, momentum=-1.2)
+            else:
+                bnn.batch_norm(*duals, training=False, momentum=-1.2)
+
+
+def test_bf16_autocast_training_is_as_precise_as_torch():
+    """bf16 autocast, (N, C) features: the per-channel sums stay in float32. They ran
+    through torch.linalg.vecdot, which autocast runs in bfloat16 (0.27% from float64
+    instead of torch's 0.16%). A float32 input under autocast gives the float32 result,
+    and a bfloat16 input is as close to float64 as torch's."""
+    x = torch.randn(512, 512, dtype=D) * 3 + 1  # 1 MiB in float32
+    dy = torch.randn(512, 512, dtype=D)
+    exact = torch.nn.BatchNorm1d(512, dtype=D)
+    xr = x.to(torch.bfloat16).to(D).requires_grad_()
+    exact(xr).backward(dy.to(torch.bfloat16).to(D))
+    errors = {}
+    for lib in (bnn, torch.nn):
+        m = lib.BatchNorm1d(512)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y32 = m(x.float())
+        torch.testing.assert_close(y32, lib.BatchNorm1d(512)(x.float()), atol=1e-6,
+                                   rtol=1e-6, msg=named(f"{lib.__name__}: float32 in"))
+        xb = x.to(torch.bfloat16).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xb)
+        y.backward(dy.to(torch.bfloat16))
+        errors[lib.__name__] = [((a.to(D) - b).norm() / b.norm()).item() for a, b in
+                                ((y, exact(xr)), (xb.grad, xr.grad))]
+    ours, ref = errors["bnlib.nn"], errors["torch.nn"]
+    assert all(o <= 1.02 * r for o, r in zip(ours, ref, strict=True)), errors
