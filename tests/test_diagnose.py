@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import bnlib
-from bnlib import ghost, renorm
 from bnlib import nn as bnn
 from bnlib.diagnose import CODES, Finding, Findings, diagnose
 
@@ -322,7 +321,7 @@ def _assert_same_state(model: nn.Module, before) -> None:
 def test_the_model_is_untouched(device, training):
     model = nn.Sequential(
         nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=0.99), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(6, 6), bnn.BatchNorm1d(6), renorm.BatchRenorm1d(6),
+        nn.Linear(6, 6), bnn.BatchNorm1d(6), bnn.BatchRenorm1d(6),
     ).to(device)
     _trained(model, torch.randn(64, 4, device=device), steps=3)
     model.train(training)
@@ -372,8 +371,8 @@ def test_a_wrong_input_raises_and_changes_nothing():
     lambda: nn.BatchNorm1d(6, momentum=0.9),
     lambda: nn.SyncBatchNorm(6, momentum=0.9),
     lambda: bnn.BatchNorm1d(6, momentum=0.9),
-    lambda: renorm.BatchRenorm1d(6, momentum=0.9),
-    lambda: ghost.GhostBatchNorm1d(6, virtual_batch_size=4, momentum=0.9),
+    lambda: bnn.BatchRenorm1d(6, momentum=0.9),
+    lambda: bnn.GhostBatchNorm1d(6, virtual_batch_size=4, momentum=0.9),
     lambda: bnn.SyncBatchNorm(6, momentum=0.9),
 ], ids=["torch", "sync", "bnlib", "renorm", "ghost", "bnlib-sync"])
 def test_every_bn_class_is_recognised(make):
@@ -385,9 +384,9 @@ def test_every_bn_class_is_recognised(make):
 
 
 def test_ghost_bn_small_virtual_batches():
-    model = nn.Sequential(ghost.GhostBatchNorm1d(6, virtual_batch_size=4))
+    model = nn.Sequential(bnn.GhostBatchNorm1d(6, virtual_batch_size=4))
     assert _codes(diagnose(model, torch.randn(32, 6))) == [("0", "small-batch")]
-    model = nn.Sequential(ghost.GhostBatchNorm1d(6, virtual_batch_size=16))
+    model = nn.Sequential(bnn.GhostBatchNorm1d(6, virtual_batch_size=16))
     assert diagnose(model, torch.randn(32, 6)) == []
 
 

@@ -1,4 +1,4 @@
-"""bnlib.ghost.GhostBatchNorm1d/2d: against a float64 reference written from the
+"""bnlib.nn.GhostBatchNorm1d/2d: against a float64 reference written from the
 paper's equations (Hoffer et al., 2017: batch norm of each ghost batch, running
 statistics from the ghost batches' mean statistics), equal to torch's BatchNorm when
 there is one ghost batch, gradcheck and gradgradcheck, state_dict, errors with no state
@@ -11,14 +11,13 @@ import torch
 from checks import GRADS, assert_all_close, named
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnlib import ghost
 from bnlib import nn as bnn
 
 D = torch.float64
 KINDS = {  # (ours, torch's, input shape, virtual_batch_size): uneven ghost batches
-    "1d-2D": (ghost.GhostBatchNorm1d, torch.nn.BatchNorm1d, (10, 4), 4),  # 4, 4, 2
-    "1d-3D": (ghost.GhostBatchNorm1d, torch.nn.BatchNorm1d, (7, 4, 3), 3),  # 3, 3, 1
-    "2d": (ghost.GhostBatchNorm2d, torch.nn.BatchNorm2d, (5, 4, 3, 2), 2),  # 2, 2, 1
+    "1d-2D": (bnn.GhostBatchNorm1d, torch.nn.BatchNorm1d, (10, 4), 4),  # 4, 4, 2
+    "1d-3D": (bnn.GhostBatchNorm1d, torch.nn.BatchNorm1d, (7, 4, 3), 3),  # 3, 3, 1
+    "2d": (bnn.GhostBatchNorm2d, torch.nn.BatchNorm2d, (5, 4, 3, 2), 2),  # 2, 2, 1
 }
 
 
@@ -115,7 +114,7 @@ def test_matches_reference_float64(device, kind, momentum):
 
 
 def test_float32_matches_reference(device):
-    m = ghost.GhostBatchNorm2d(4, 3, device=device)
+    m = bnn.GhostBatchNorm2d(4, 3, device=device)
     rm, rv = m.running_mean.double(), m.running_var.double()
     for _ in range(2):
         x = torch.randn(8, 4, 3, 3, device=device) * 2 + 1
@@ -134,7 +133,7 @@ def test_float32_matches_reference(device):
 def test_each_ghost_batch_is_normalized_alone():
     """Each ghost batch's output has mean 0 and variance 1 per channel (gamma = 1,
     beta = 0), and changing one ghost batch leaves the others' outputs unchanged."""
-    m = ghost.GhostBatchNorm1d(3, 4, dtype=D)
+    m = bnn.GhostBatchNorm1d(3, 4, dtype=D)
     x = torch.randn(12, 3, dtype=D) * torch.arange(1, 13, dtype=D)[:, None]
     y = m(x)
     for y_g in y.split(4):
@@ -194,7 +193,7 @@ def test_one_ghost_batch_equals_batchnorm(device, kind, extra, config):
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(8, 3), (5, 3, 2, 2)])
 def test_gradcheck_and_gradgradcheck_float64(shape, affine):
-    cls = ghost.GhostBatchNorm1d if len(shape) == 2 else ghost.GhostBatchNorm2d
+    cls = bnn.GhostBatchNorm1d if len(shape) == 2 else bnn.GhostBatchNorm2d
     m = cls(3, 3, affine=affine, track_running_stats=False, dtype=D)  # 3, 3, 2 or 3, 2
     x = torch.randn(shape, dtype=D, requires_grad=True)
     if affine:
@@ -234,7 +233,7 @@ def test_state_dict_keys_and_loading_both_ways(kind, track):
 
 
 def test_constructor_defaults_repr_and_reexport():
-    m = ghost.GhostBatchNorm2d(3, 32)
+    m = bnn.GhostBatchNorm2d(3, 32)
     assert (m.virtual_batch_size, m.eps, m.momentum, m.affine,
             m.track_running_stats) == (32, 1e-5, 0.1, True, True)
     assert isinstance(m, _BatchNorm)
@@ -242,11 +241,11 @@ def test_constructor_defaults_repr_and_reexport():
                               "affine=True, track_running_stats=True")
     m.virtual_batch_size = 8
     assert "virtual_batch_size=8" in repr(m)
-    assert bnn.GhostBatchNorm1d is ghost.GhostBatchNorm1d
+    assert bnn.GhostBatchNorm1d is bnn.GhostBatchNorm1d
 
 
 def test_dtype_and_device_factory_kwargs(device):
-    m = ghost.GhostBatchNorm1d(3, 2, device=device, dtype=D)
+    m = bnn.GhostBatchNorm1d(3, 2, device=device, dtype=D)
     for t in (m.weight, m.bias, m.running_mean, m.running_var):
         assert t.dtype == D and t.device.type == device
     assert m(torch.randn(6, 3, dtype=D, device=device)).device.type == device
@@ -266,21 +265,21 @@ def _assert_unchanged(m, before):
 
 ERROR_CASES = [
     # (class, virtual_batch_size, input shape, training, exception, message)
-    (ghost.GhostBatchNorm2d, 2, (4, 5, 6), True, ValueError,
+    (bnn.GhostBatchNorm2d, 2, (4, 5, 6), True, ValueError,
      r"expected 4D input \(got 3D"),
-    (ghost.GhostBatchNorm1d, 2, (4, 5, 6, 7), True, ValueError,
+    (bnn.GhostBatchNorm1d, 2, (4, 5, 6, 7), True, ValueError,
      r"expected 2D or 3D input \(got 4D"),
-    (ghost.GhostBatchNorm2d, 2, (4, 6, 3, 3), True, RuntimeError,
+    (bnn.GhostBatchNorm2d, 2, (4, 6, 3, 3), True, RuntimeError,
      r"expected input with 5 channels.*got 6"),
-    (ghost.GhostBatchNorm2d, 2, (4, 6, 3, 3), False, RuntimeError,
+    (bnn.GhostBatchNorm2d, 2, (4, 6, 3, 3), False, RuntimeError,
      r"expected input with 5 channels.*got 6"),
-    (ghost.GhostBatchNorm1d, 4, (1, 5), True, ValueError,
+    (bnn.GhostBatchNorm1d, 4, (1, 5), True, ValueError,
      "Expected more than 1 value per channel when training"),
-    (ghost.GhostBatchNorm1d, 4, (9, 5), True, ValueError,  # ghost batches 4, 4, 1
+    (bnn.GhostBatchNorm1d, 4, (9, 5), True, ValueError,  # ghost batches 4, 4, 1
      r"virtual_batch_size=4: the last has 1 sample\(s\), 1 value per channel"),
-    (ghost.GhostBatchNorm2d, 2, (5, 5, 1, 1), True, ValueError,  # 2, 2, 1
+    (bnn.GhostBatchNorm2d, 2, (5, 5, 1, 1), True, ValueError,  # 2, 2, 1
      r"input size \(5, 5, 1, 1\) split into ghost batches of virtual_batch_size=2"),
-    (ghost.GhostBatchNorm1d, 1, (6, 5), True, ValueError,  # every one of 1 sample
+    (bnn.GhostBatchNorm1d, 1, (6, 5), True, ValueError,  # every one of 1 sample
      "Expected more than 1 value per channel in every ghost batch"),
 ]
 
@@ -289,7 +288,7 @@ ERROR_CASES = [
                          ERROR_CASES)
 def test_errors_change_no_state(cls, vbs, shape, training, error, match):
     m = cls(5, 2)
-    m(torch.randn(4, 5, *([3, 3] if cls is ghost.GhostBatchNorm2d else [])))
+    m(torch.randn(4, 5, *([3, 3] if cls is bnn.GhostBatchNorm2d else [])))
     m.virtual_batch_size = vbs
     m.train(training)
     before = _state(m)
@@ -299,15 +298,15 @@ def test_errors_change_no_state(cls, vbs, shape, training, error, match):
 
 
 def test_a_last_ghost_batch_of_one_sample_is_fine_with_spatial_values():
-    m = ghost.GhostBatchNorm1d(5, 4)  # (9, 5, 3): ghost batches 4, 4, 1 (3 values)
+    m = bnn.GhostBatchNorm1d(5, 4)  # (9, 5, 3): ghost batches 4, 4, 1 (3 values)
     assert m(torch.randn(9, 5, 3)).shape == (9, 5, 3)
 
 
 @pytest.mark.parametrize("vbs", [0, -2, 2.5, True, "4", None])
 def test_bad_virtual_batch_size_rejected_at_construction_and_at_call(vbs):
     with pytest.raises(ValueError, match="virtual_batch_size must be a positive int"):
-        ghost.GhostBatchNorm1d(3, vbs)
-    m = ghost.GhostBatchNorm1d(3, 2)
+        bnn.GhostBatchNorm1d(3, vbs)
+    m = bnn.GhostBatchNorm1d(3, 2)
     m(torch.randn(4, 3))
     before = _state(m)
     m.virtual_batch_size = vbs

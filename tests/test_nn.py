@@ -413,3 +413,73 @@ def test_isinstance_of_torch_classes_and_update_bn():
         torch.optim.swa_utils.update_bn(data, m)
     _assert_same_state(ours, ref, atol=1e-6)
     torch.testing.assert_close(ours.running_mean, torch.cat(data).mean(0))
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _bnlib_imports() -> dict[str, set[str]]:
+    """Each bnlib module -> the bnlib modules it imports (relative imports resolved)."""
+    import ast
+    import pathlib
+
+    import bnlib
+
+    root = pathlib.Path(bnlib.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        parts = ("bnlib", *path.relative_to(root).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        name = ".".join(parts[:-1] if is_pkg else parts)
+        package = parts[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[:len(package) - node.level + 1]
+                target = ".".join(base + tuple((node.module or "").split(".")))
+                deps.add(target.rstrip("."))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    "bnlib"):
+                deps.add(node.module)
+        graph[name] = {d for d in deps if d != name}
+    return graph
+
+
+def test_bnlib_imports_one_way_and_modules_stay_short():
+    """No import cycle anywhere in bnlib (a package importing its own submodules is
+    the only upward edge), no module over 600 lines, and the old module paths of
+    Batch Renorm, Ghost BN and SyncBatchNorm are gone: one import path, bnlib.nn."""
+    import importlib.util
+    import pathlib
+
+    import bnlib
+
+    graph = _bnlib_imports()
+
+    def reach(start, seen):
+        for d in graph.get(start, ()):
+            if d not in seen:
+                seen.add(d)
+                reach(d, seen)
+        return seen
+
+    for name, deps in graph.items():
+        for d in deps:
+            if d.startswith(name + "."):
+                continue  # a package re-exporting its submodule
+            assert name not in reach(d, {d}) or name.startswith(d + "."), (
+                f"import cycle: {name} imports {d}, which imports {name} back")
+    root = pathlib.Path(bnlib.__file__).parent
+    for path in root.rglob("*.py"):
+        n = len(path.read_text().splitlines())
+        assert n <= 600, f"{path.relative_to(root)} has {n} lines (at most 600)"
+    for old in ("bnlib.ghost", "bnlib.renorm", "bnlib.sync", "bnlib.nn.nn"):
+        assert importlib.util.find_spec(old) is None, f"{old} still exists"
+    expected = {"BatchNormFunction", "batch_norm", "BatchNorm1d", "BatchNorm2d",
+                "BatchNorm3d", "BatchRenormFunction", "BatchRenorm1d", "BatchRenorm2d",
+                "GhostBatchNorm1d", "GhostBatchNorm2d", "SyncBatchNorm",
+                "SyncBatchNormFunction", "revert_sync_batchnorm"}
+    assert set(bnn.__all__) == expected
+    assert all(hasattr(bnn, name) for name in expected)
+    kernels_deps = graph["bnlib.nn._kernels"]
+    assert not kernels_deps, f"the kernels import {kernels_deps}: they are the bottom"

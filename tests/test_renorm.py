@@ -1,4 +1,4 @@
-"""bnlib.renorm.BatchRenorm1d/2d and BatchRenormFunction: against a float64 reference
+"""bnlib.nn.BatchRenorm1d/2d and BatchRenormFunction: against a float64 reference
 written from the paper's equations (Ioffe, 2017, Algorithm 1), equal to torch's
 BatchNorm with r_max = 1 and d_max = 0, gradcheck and gradgradcheck, state_dict,
 errors with no state changed, float32, torch.func."""
@@ -14,13 +14,12 @@ from torch.func import grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnlib import nn as bnn
-from bnlib import renorm
 
 D = torch.float64
 KINDS = {  # (ours, torch's, input shape)
-    "1d-2D": (renorm.BatchRenorm1d, torch.nn.BatchNorm1d, (8, 4)),
-    "1d-3D": (renorm.BatchRenorm1d, torch.nn.BatchNorm1d, (6, 4, 5)),
-    "2d": (renorm.BatchRenorm2d, torch.nn.BatchNorm2d, (4, 4, 3, 5)),
+    "1d-2D": (bnn.BatchRenorm1d, torch.nn.BatchNorm1d, (8, 4)),
+    "1d-3D": (bnn.BatchRenorm1d, torch.nn.BatchNorm1d, (6, 4, 5)),
+    "2d": (bnn.BatchRenorm2d, torch.nn.BatchNorm2d, (4, 4, 3, 5)),
 }
 
 
@@ -152,7 +151,7 @@ def test_matches_reference_float64(device, kind, affine, momentum):
 
 
 def test_float32_matches_reference(device):
-    m = renorm.BatchRenorm2d(4, momentum=0.2, r_max=1.5, d_max=0.5, device=device)
+    m = bnn.BatchRenorm2d(4, momentum=0.2, r_max=1.5, d_max=0.5, device=device)
     with torch.no_grad():
         m.running_var.fill_(2.0)
     rm, rv = m.running_mean.double(), m.running_var.double()
@@ -174,7 +173,7 @@ def test_float32_matches_reference(device):
 def test_reduced_precision_input_computed_in_float32():
     """bfloat16 input, float32 module (as under autocast): bfloat16 output, close to
     the float32 computation."""
-    m16, m32 = renorm.BatchRenorm1d(4), renorm.BatchRenorm1d(4)
+    m16, m32 = bnn.BatchRenorm1d(4), bnn.BatchRenorm1d(4)
     x = (torch.randn(16, 4) * 2 + 1).to(torch.bfloat16)
     y16, y32 = m16(x), m32(x.float())
     assert y16.dtype == torch.bfloat16 and m16.running_mean.dtype == torch.float32
@@ -257,7 +256,7 @@ def test_gradcheck_and_gradgradcheck_float64(shape, affine):
     inputs = (x, gamma, beta, r, d, 1e-5)
 
     def f(*args):
-        return renorm.BatchRenormFunction.apply(*args)[0]
+        return bnn.BatchRenormFunction.apply(*args)[0]
 
     assert torch.autograd.gradcheck(f, inputs, check_batched_grad=True)
     assert torch.autograd.gradgradcheck(f, inputs)
@@ -266,7 +265,7 @@ def test_gradcheck_and_gradgradcheck_float64(shape, affine):
 def test_module_double_backward_matches_reference():
     """A gradient penalty through the module: the second derivative with r and d
     constants, against autograd of the reference."""
-    m = renorm.BatchRenorm1d(3, r_max=1.5, d_max=0.5, dtype=D)
+    m = bnn.BatchRenorm1d(3, r_max=1.5, d_max=0.5, dtype=D)
     with torch.no_grad():
         m.running_var.fill_(4.0)
         m.weight.uniform_(0.5, 1.5)
@@ -289,7 +288,7 @@ def test_module_double_backward_matches_reference():
 
 
 def test_backward_is_hand_written():
-    m = renorm.BatchRenorm2d(3)
+    m = bnn.BatchRenorm2d(3)
     y = m(torch.randn(4, 3, 2, 2, requires_grad=True))
     assert "BatchRenormFunction" in type(y.grad_fn).__name__
     leaves = [type(f).__name__ for f, _ in y.grad_fn.next_functions if f is not None]
@@ -302,7 +301,7 @@ def test_torch_func_grad_and_vmap():
     r, d = torch.rand(3, dtype=D) + 0.5, torch.randn(3, dtype=D)
 
     def loss(x):
-        return (renorm.BatchRenormFunction.apply(x, gamma, beta, r, d, 1e-5)[0] ** 3
+        return (bnn.BatchRenormFunction.apply(x, gamma, beta, r, d, 1e-5)[0] ** 3
                 ).sum()
 
     per_sample = vmap(grad(loss))(x)  # four independent (6, 3) batches
@@ -335,7 +334,7 @@ def test_state_dict_keys_and_loading_both_ways(kind):
 
 
 def test_constructor_defaults_repr_and_reset():
-    m = renorm.BatchRenorm2d(3)
+    m = bnn.BatchRenorm2d(3)
     assert (m.eps, m.momentum, m.r_max, m.d_max, m.affine) == (1e-5, 0.01, 3.0, 5.0,
                                                                 True)
     assert m.track_running_stats and isinstance(m, _BatchNorm)
@@ -344,16 +343,16 @@ def test_constructor_defaults_repr_and_reset():
     m.r_max = 2.0
     assert "r_max=2.0" in repr(m)
     with pytest.raises(TypeError):
-        renorm.BatchRenorm2d(3, track_running_stats=False)  # always tracked
-    assert renorm.BatchRenorm1d(3, affine=False).weight is None
+        bnn.BatchRenorm2d(3, track_running_stats=False)  # always tracked
+    assert bnn.BatchRenorm1d(3, affine=False).weight is None
     m(torch.randn(4, 3, 2, 2) + 5)
     m.reset_running_stats()
     assert m.num_batches_tracked.item() == 0 and m.running_mean.abs().max() == 0
-    assert bnn.BatchRenorm2d is renorm.BatchRenorm2d  # re-exported by bnlib.nn
+    assert bnn.BatchRenorm2d is bnn.BatchRenorm2d  # re-exported by bnlib.nn
 
 
 def test_dtype_and_device_factory_kwargs(device):
-    m = renorm.BatchRenorm1d(3, device=device, dtype=D)
+    m = bnn.BatchRenorm1d(3, device=device, dtype=D)
     for t in (m.weight, m.bias, m.running_mean, m.running_var):
         assert t.dtype == D and t.device.type == device
     assert m(torch.randn(5, 3, dtype=D, device=device)).device.type == device
@@ -373,16 +372,16 @@ def _assert_unchanged(m, before):
 
 ERROR_CASES = [
     # (class, input shape, training, exception, message)
-    (renorm.BatchRenorm2d, (4, 5, 6), True, ValueError, r"expected 4D input \(got 3D"),
-    (renorm.BatchRenorm1d, (4, 5, 6, 7), True, ValueError,
+    (bnn.BatchRenorm2d, (4, 5, 6), True, ValueError, r"expected 4D input \(got 3D"),
+    (bnn.BatchRenorm1d, (4, 5, 6, 7), True, ValueError,
      r"expected 2D or 3D input \(got 4D"),
-    (renorm.BatchRenorm2d, (4, 6, 3, 3), True, RuntimeError,
+    (bnn.BatchRenorm2d, (4, 6, 3, 3), True, RuntimeError,
      r"expected input with 5 channels.*got 6"),
-    (renorm.BatchRenorm2d, (4, 6, 3, 3), False, RuntimeError,
+    (bnn.BatchRenorm2d, (4, 6, 3, 3), False, RuntimeError,
      r"expected input with 5 channels.*got 6"),
-    (renorm.BatchRenorm1d, (1, 5), True, ValueError,
+    (bnn.BatchRenorm1d, (1, 5), True, ValueError,
      "Expected more than 1 value per channel when training"),
-    (renorm.BatchRenorm2d, (1, 5, 1, 1), True, ValueError,
+    (bnn.BatchRenorm2d, (1, 5, 1, 1), True, ValueError,
      "Expected more than 1 value per channel when training"),
 ]
 
@@ -390,7 +389,7 @@ ERROR_CASES = [
 @pytest.mark.parametrize(("cls", "shape", "training", "error", "match"), ERROR_CASES)
 def test_errors_change_no_state(cls, shape, training, error, match):
     m = cls(5)
-    m(torch.randn(4, 5, *([3, 3] if cls is renorm.BatchRenorm2d else [])))
+    m(torch.randn(4, 5, *([3, 3] if cls is bnn.BatchRenorm2d else [])))
     m.train(training)
     before = _state(m)
     with pytest.raises(error, match=match):
@@ -406,8 +405,8 @@ def test_errors_change_no_state(cls, shape, training, error, match):
 ])
 def test_bad_r_max_d_max_rejected_at_construction_and_at_call(r_max, d_max, match):
     with pytest.raises(ValueError, match=match):
-        renorm.BatchRenorm1d(3, r_max=r_max, d_max=d_max)
-    m = renorm.BatchRenorm1d(3)
+        bnn.BatchRenorm1d(3, r_max=r_max, d_max=d_max)
+    m = bnn.BatchRenorm1d(3)
     m(torch.randn(4, 3))
     before = _state(m)
     m.r_max, m.d_max = r_max, d_max  # plain attributes: checked when used

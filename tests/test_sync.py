@@ -1,4 +1,4 @@
-"""bnlib.sync.SyncBatchNorm: over 2-3 gloo processes on 127.0.0.1 equal to one
+"""bnlib.nn.SyncBatchNorm: over 2-3 gloo processes on 127.0.0.1 equal to one
 process's BatchNorm on the concatenated batch (outputs, input gradients, summed weight
 and bias gradients, running statistics on every process), with unequal and empty
 shards; errors with no state changed; a failing peer makes the others fail within the
@@ -28,9 +28,12 @@ import torch.distributed as dist
 from checks import named
 
 from bnlib import nn as bnn
-from bnlib import renorm
-from bnlib.ghost import GhostBatchNorm2d
-from bnlib.sync import SyncBatchNorm, revert_sync_batchnorm
+from bnlib.nn import (
+    BatchRenorm2d,
+    GhostBatchNorm2d,
+    SyncBatchNorm,
+    revert_sync_batchnorm,
+)
 
 D = torch.float64
 JOIN_S = 100  # the parent's limit on a whole spawn: past it the test fails, no hang
@@ -583,7 +586,7 @@ def test_convert_and_revert():
     inner = torch.nn.Sequential(torch.nn.BatchNorm1d(4, bias=False), frozen).eval()
     model = torch.nn.Sequential(
         bnn.BatchNorm2d(3), inner, torch.nn.SyncBatchNorm(5, momentum=None),
-        renorm.BatchRenorm2d(3), GhostBatchNorm2d(3, 2), torch.nn.Linear(2, 2),
+        BatchRenorm2d(3), GhostBatchNorm2d(3, 2), torch.nn.Linear(2, 2),
     ).double()
     before = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     keys = list(model.state_dict())
@@ -593,7 +596,7 @@ def test_convert_and_revert():
     kinds = [type(m) for m in converted.modules()]
     assert kinds.count(SyncBatchNorm) == 4
     assert [type(converted[i]) for i in (3, 4, 5)] == [
-        renorm.BatchRenorm2d, GhostBatchNorm2d, torch.nn.Linear]
+        BatchRenorm2d, GhostBatchNorm2d, torch.nn.Linear]
     assert [converted[0].revert_class, converted[1][0].revert_class,
             converted[1][1].revert_class, converted[2].revert_class] == [
         bnn.BatchNorm2d, torch.nn.BatchNorm1d, bnn.BatchNorm3d, None]
@@ -611,7 +614,7 @@ def test_convert_and_revert():
     reverted = SyncBatchNorm.revert_sync_batchnorm(converted)
     assert [type(m) for m in reverted.modules()][1:] == [
         bnn.BatchNorm2d, torch.nn.Sequential, torch.nn.BatchNorm1d, bnn.BatchNorm3d,
-        bnn.BatchNorm2d, renorm.BatchRenorm2d, GhostBatchNorm2d, torch.nn.Linear]
+        bnn.BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d, torch.nn.Linear]
     assert all(reverted.state_dict(keep_vars=True)[k] is v for k, v in before.items())
     assert [m.training for m in reverted.modules()] == modes
     assert reverted[1][0].bias is None and reverted[2].momentum is None

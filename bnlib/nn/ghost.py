@@ -32,6 +32,10 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
+from ._kernels import _compute, _reduce_dims, _to
+from .batchnorm import _BatchNorm, _mode
+from .functional import _batch_norm, _check_args, _empty_output, batch_norm
+
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
 
 
@@ -149,18 +153,3 @@ class GhostBatchNorm2d(_GhostBatchNorm):
     """
 
     _expected_dims = (4,)
-
-
-# Imported last: bnlib.nn re-exports this module's names at its own end, so whichever
-# of the two is imported first, the other finds what it needs already defined.
-from .nn import (  # noqa: E402
-    _batch_norm,
-    _BatchNorm,
-    _check_args,
-    _compute,
-    _empty_output,
-    _mode,
-    _reduce_dims,
-    _to,
-    batch_norm,
-)

@@ -86,6 +86,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
+from ._kernels import _affine, _bcast, _channel_dot, _channel_sum, _compute, _to
+from .batchnorm import BatchNorm2d, _BatchNorm, _mode
+from .functional import _check_tensors, _empty_output
+
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "revert_sync_batchnorm"]
 
 
@@ -284,7 +288,7 @@ class SyncBatchNorm(_TorchBatchNorm):
 
     It subclasses torch's ``_BatchNorm``, not ``torch.nn.SyncBatchNorm``: DDP refuses
     a CPU model containing one of those. So ``isinstance(m, torch.nn.SyncBatchNorm)``
-    is False, a deliberate trade; test ``isinstance(m, (bnlib.sync.SyncBatchNorm,
+    is False, a deliberate trade; test ``isinstance(m, (bnlib.nn.SyncBatchNorm,
     torch.nn.SyncBatchNorm))`` to find both. Under DDP, ``broadcast_buffers=False`` is
     enough: every process already holds the same running statistics.
     """
@@ -395,20 +399,3 @@ class SyncBatchNorm(_TorchBatchNorm):
 
 
 _CONVERTED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-# Imported last: bnlib.nn re-exports this module's names at its own end, so whichever
-# of the two is imported first, the other finds what it needs already defined.
-from .nn import (  # noqa: E402
-    BatchNorm2d,
-    _affine,
-    _BatchNorm,
-    _bcast,
-    _channel_dot,
-    _channel_sum,
-    _check_tensors,
-    _compute,
-    _empty_output,
-    _mode,
-    _to,
-)

@@ -36,6 +36,11 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
+from ._kernels import _bcast, _compute, _reduce_dims, _to
+from ._op import _transformed
+from .batchnorm import _BatchNorm
+from .functional import _batch_norm, _check_args, _empty_output
+
 __all__ = ["BatchRenormFunction", "BatchRenorm1d", "BatchRenorm2d"]
 
 
@@ -209,18 +214,3 @@ class BatchRenorm2d(_BatchRenorm):
     """
 
     _expected_dims = (4,)
-
-
-# Imported last: bnlib.nn re-exports this module's names at its own end, so whichever
-# of the two is imported first, the other finds what it needs already defined.
-from .nn import (  # noqa: E402
-    _batch_norm,
-    _BatchNorm,
-    _bcast,
-    _check_args,
-    _compute,
-    _empty_output,
-    _reduce_dims,
-    _to,
-    _transformed,
-)

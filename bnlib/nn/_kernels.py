@@ -1,0 +1,211 @@
+"""Batch norm's kernels: plain functions of tensors, the math the book reads.
+
+The bottom of ``bnlib.nn``: no autograd, no torch.library, only tensor arithmetic.
+``_forward_kernel`` and ``_backward_kernel`` compute y, the batch statistics and the
+closed-form gradients; ``_backward_differentiable`` is the same backward from
+differentiable operations, for double backward. Half and bfloat16 inputs are computed
+in float32, as torch does. The helpers above them (``_channel_sum``, ``_channel_dot``,
+``_affine``) are the per-channel reductions and the affine map, tuned for CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_REDUCED = (torch.float16, torch.bfloat16)  # computed in float32, like torch
+_CHUNK_BYTES = 1 << 19  # a chunk of this size, and its temporaries, stay in L2 cache
+_TILE_MIN = 1 << 15  # values: from here on, _rows' tiling pays for itself
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    """Every dimension but the channel dimension 1:
+    (N, C, *spatial) -> [0, 2, 3, ...]."""
+    return [0] + list(range(2, x.dim()))
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    """View a (C,) vector as (C, 1, ..., 1), to broadcast against x of shape
+    (N, C, ...)."""
+    return v if x.dim() == 2 else v.view([-1] + [1] * (x.dim() - 2))
+
+
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; t itself when it already is (skips a no-op call's overhead)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _compute(x: Tensor) -> Tensor:
+    """x in the dtype the arithmetic runs in: float32 for half and bfloat16."""
+    return x.float() if x.dtype in _REDUCED else x
+
+
+def _small(x: Tensor) -> bool:
+    """True for inputs small enough that per-op overhead, not memory, is the cost."""
+    return x.numel() * x.element_size() <= _CHUNK_BYTES
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    """Sum over every dimension but dimension 1: (N, C, *spatial) -> (C,)."""
+    if t.dim() == 2:
+        return t.sum(0)
+    if t.is_contiguous():  # summing the contiguous spatial run first is faster
+        return t.flatten(2).sum(2).sum(0)
+    return t.sum(_reduce_dims(t))
+
+
+def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per channel, sum(a * b) over every dimension but 1: (N, C, ...) x2 -> (C,).
+
+    A large input is worked through in chunks of samples, so the product only ever
+    exists one cache-sized chunk at a time: on CPU a fresh allocation as large as the
+    input costs a page fault per 4 KiB, more than the arithmetic. A small input is done
+    in one go, where Python's per-op overhead is what counts.
+    """
+    if a.dim() == 2:
+        if torch.is_autocast_enabled(a.device.type):  # autocast would run it in bf16
+            with torch.autocast(a.device.type, enabled=False):
+                return torch.linalg.vecdot(a, b, dim=0)
+        return torch.linalg.vecdot(a, b, dim=0)  # (N, C) x2 -> (C,), one op
+    if _small(a):
+        return _channel_sum(a * b)
+    rows = max(1, _CHUNK_BYTES // (a[0].numel() * a.element_size()))
+    acc = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
+    for a_i, b_i in zip(a.split(rows), b.split(rows), strict=True):
+        acc += _channel_sum(a_i * b_i)  # (n, C, ...) chunk -> (C,)
+    return acc
+
+
+def _rows(v: Tensor, x: Tensor) -> Tensor | None:
+    """v (C,) tiled to short contiguous rows that broadcast against a contiguous x.
+
+    PyTorch's CPU kernels vectorize a three-operand op (addcmul) only when at most one
+    operand is broadcast along the innermost dimension. For (N, C, *spatial) input a
+    per-channel vector is broadcast along it, and the op runs element by element.
+    Viewing x as (N, C, L / k, k) and v as (C, 1, k) rows keeps every operand contiguous
+    along the innermost k, and the op runs at memory speed. Returns None where no k
+    fits (and on GPU, where broadcasting costs nothing), and for inputs under 32 Ki
+    values, where the tiling's own ops cost more than they save (element by element,
+    addcmul takes about 1.5 ns a value; the tiling about 25 us, measured on one core).
+    The result is the same bits either way.
+    """
+    if x.dim() == 2 or not x.is_contiguous() or x.device.type != "cpu" \
+            or x.numel() < _TILE_MIN:
+        return None  # (N, C) and channels_last: C is innermost, v is contiguous there
+    length = x[0, 0].numel()
+    k = next((k for k in range(128, 15, -1) if length % k == 0), None)
+    if k is None:
+        return None
+    return v.view(-1, 1, 1).expand(-1, 1, k).contiguous()  # (C, 1, k)
+
+
+def _affine(t: Tensor, scale: Tensor, shift: Tensor, inplace: bool = False) -> Tensor:
+    """Per channel, t * scale + shift in one pass: (N, C, *spatial), (C,), (C,).
+    With ``inplace`` the result is written into t (t must be a fresh tensor).
+
+    The result is never a view: it is an operator's output, which the caller may
+    modify in place (BN -> ReLU(inplace=True)), and autograd forbids that on a view
+    created inside a custom Function."""
+    scale_rows, shift_rows = _rows(scale, t), _rows(shift, t)
+    if scale_rows is None:
+        if inplace:
+            return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t), out=t)
+        return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t))
+    n, c, k = t.shape[0], t.shape[1], scale_rows.shape[-1]
+    out = t if inplace else torch.empty_like(t)  # contiguous, like t
+    torch.addcmul(shift_rows, t.view(n, c, -1, k), scale_rows,
+                  out=out.view(n, c, -1, k))  # (N, C, L / k, k)
+    return out
+
+
+def _forward_kernel(x, weight, bias, mean, var, training: bool, eps: float):
+    """y, the batch mean and biased variance (training; two empty tensors in eval), and
+    inv_std = 1 / sqrt(var + eps) for the backward pass.
+
+    training: mu, var = batch statistics;  y = (x - mu) * (gamma * inv_std) + beta
+    eval:     mu, var = running statistics; y = x * scale + (beta - mu * scale)
+    """
+    xf = _compute(x)  # (N, C, ...), float32 for half inputs
+    m = x.numel() // x.shape[1]  # values per channel
+    if training:
+        mean = xf.mean(0) if x.dim() == 2 else _channel_sum(xf) / m  # -> (C,)
+        y = xf - _bcast(mean, xf)  # x - mu, in the output's buffer
+        var = _channel_dot(y, y) / m  # mean((x - mu)^2): biased, two-pass
+    else:
+        mean, var = _to(mean, xf.dtype), _to(var, xf.dtype)
+    inv_std = torch.rsqrt(var + eps)  # (C,)
+    scale = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
+    if training:  # y = (x - mu) * scale + beta, in place: exact for large mu
+        if bias is None:
+            y = y.mul_(_bcast(scale, xf))
+        else:
+            y = _affine(y, scale, _to(bias, xf.dtype), inplace=True)
+        stats = (mean, var)
+    else:  # one pass over x, like torch's eval kernel
+        shift = -mean * scale if bias is None else \
+            torch.addcmul(_to(bias, xf.dtype), mean, scale, value=-1)
+        y = _affine(xf, scale, shift)
+        stats = (xf.new_empty(0), xf.new_empty(0))
+    return _to(y, x.dtype), *stats, inv_std
+
+
+def _backward_kernel(dy, x, weight, mean, inv_std, training: bool,
+                     need_dx: bool, need_dweight: bool, need_dbias: bool):
+    """dx, dgamma, dbeta of batch norm, the closed form (empty where not needed)::
+
+        dbeta  = sum(dy),  dgamma = sum(dy * x_hat)
+        dx     = gamma * inv_std * (dy - dbeta / M - x_hat * dgamma / M)  (training)
+        dx     = gamma * inv_std * dy                                     (eval)
+    """
+    xf = _compute(x)
+    dy = _to(dy, xf.dtype)
+    m = x.numel() // x.shape[1]  # M, values per channel
+    mean, inv_std = _to(mean, xf.dtype), _to(inv_std, xf.dtype)  # (C,)
+    k_dy = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
+    w_dtype = xf.dtype if weight is None else weight.dtype
+
+    def empty():  # a fresh one each time: an operator's outputs may not alias
+        return xf.new_empty(0, dtype=w_dtype)
+
+    need_stats = need_dweight or need_dbias or (need_dx and training)
+    dbeta = _channel_sum(dy) if need_stats else empty()  # sum(dy)
+    xc = xf - _bcast(mean, xf) if need_stats else None  # x - mu
+    dgamma = _channel_dot(xc, dy) * inv_std if need_stats else empty()  # sum(dy*x_hat)
+    if not need_dx:
+        dx = empty()
+    elif training:
+        # dx = k_dy * dy + k_xc * (x - mu) + k_0, with x_hat = (x - mu) * inv_std:
+        k = k_dy / -m  # (C,)
+        k_xc, k_0 = k * inv_std * dgamma, k * dbeta  # (C,)
+        dx = _affine(xc, k_xc, k_0, inplace=True).addcmul_(dy, _bcast(k_dy, xf))
+        dx = _to(dx, x.dtype)
+    else:
+        dx = _to(dy * _bcast(k_dy, xf), x.dtype)
+    dw = _to(dgamma, w_dtype) if need_dweight else empty()
+    db = _to(dbeta, w_dtype) if need_dbias else empty()
+    return dx, dw, db
+
+
+def _backward_differentiable(dy, x, weight, mean, inv_std, training: bool, eps: float):
+    """The same closed form from differentiable tensor operations, for double backward.
+
+    In training, mu and var are recomputed from x here, so that autograd sees how they
+    depend on x: a second-order gradient through this function is then exact.
+    """
+    xf, dims = _compute(x), _reduce_dims(x)
+    dy = _to(dy, xf.dtype)
+    if training:
+        var, mean = torch.var_mean(xf, dims, correction=0)
+        inv_std = torch.rsqrt(var + eps)
+    mean, inv_std = _bcast(_to(mean, xf.dtype), xf), _to(inv_std, xf.dtype)
+    x_hat = (xf - mean) * _bcast(inv_std, xf)
+    k_dy = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
+    dbeta, dgamma = dy.sum(dims), (dy * x_hat).sum(dims)
+    if training:
+        m = x.numel() // x.shape[1]
+        dx = _bcast(k_dy, xf) * (dy - _bcast(dbeta / m, xf) - x_hat * _bcast(dgamma / m,
+                                                                             xf))
+    else:
+        dx = _bcast(k_dy, xf) * dy
+    w_dtype = xf.dtype if weight is None else weight.dtype
+    return _to(dx, x.dtype), _to(dgamma, w_dtype), _to(dbeta, w_dtype)
