@@ -32,8 +32,10 @@ from bnlib.nn import (
     BatchRenorm2d,
     GhostBatchNorm2d,
     SyncBatchNorm,
+    SyncBatchNormFunction,
     revert_sync_batchnorm,
 )
+from bnlib.spawn import launch
 
 D = torch.float64
 JOIN_S = 100  # the parent's limit on a whole spawn: past it the test fails, no hang
@@ -660,3 +662,63 @@ def test_synchronized_path_dtypes_and_layouts(monkeypatch, dtype, layout):
     torch.testing.assert_close(ours.bias.grad * 2, ref.bias.grad, **tol)
     for key, want in ref.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[key], want, **tol)
+
+
+# ----------------------------------------------------------------- ranks that disagree
+
+
+def _body_disagree(rank, world_size, what):
+    """Rank 1 differs from rank 0 in its channel count or dtype, from the first call
+    ("channels", "dtype") or after a step taken together ("later")."""
+    c, dtype = (5 if rank == 1 and what == "channels" else 4), D
+    if rank == 1 and what == "dtype":
+        dtype = torch.float32
+    m = SyncBatchNorm(c, dtype=dtype)
+    if what == "later":
+        m(torch.randn(6, c, dtype=D))
+        if rank == 1:
+            m.float()
+            dtype = torch.float32
+    nbt = m.num_batches_tracked.item()
+    err = _raises(lambda: m(torch.randn(6, c, dtype=dtype)))
+    return dict(err=err, changed=m.num_batches_tracked.item() - nbt)
+
+
+@pytest.mark.parametrize("what", ["channels", "dtype", "later"])
+def test_ranks_that_disagree_raise_the_same_clear_error_on_every_rank(what):
+    """Before: gloo's size check terminated one process (no Python error) and the
+    other got a RuntimeError; a dtype mismatch crashed in the backward's all-reduce.
+    Now every rank raises the same RuntimeError naming each rank's C and dtype, and
+    changes no state."""
+    r0, r1 = launch(_body_disagree, 2, what, timeout_s=90)
+    assert r0["err"] is not None and r0["err"] == r1["err"], (r0, r1)
+    kind, message = r0["err"]
+    assert kind == "RuntimeError"
+    assert message.startswith("SyncBatchNorm: the processes disagree on the input's")
+    second = {"channels": "5 channels, float64", "dtype": "4 channels, float32",
+              "later": "4 channels, float32"}[what]
+    assert f"rank 0: 4 channels, float64; rank 1: {second}" in message
+    assert r0["changed"] == r1["changed"] == 0
+
+
+def _body_counts(rank, world_size):
+    """The count n reaches the backward as a tensor, not a host int."""
+    m = SyncBatchNorm(3, dtype=D)
+    seen = []
+    original = SyncBatchNormFunction.forward
+
+    def spy(ctx, x, weight, bias, mean, inv_std, count, group):
+        seen.append(count)
+        return original(ctx, x, weight, bias, mean, inv_std, count, group)
+
+    SyncBatchNormFunction.forward = staticmethod(spy)
+    x = torch.randn(4 + rank, 3, dtype=D, requires_grad=True)
+    m(x).sum().backward()
+    return dict(is_tensor=isinstance(seen[0], torch.Tensor), n=float(seen[0]))
+
+
+def test_the_count_stays_a_tensor_on_the_device():
+    """No int(counts.sum().item()) per layer: on a GPU that is a host synchronization.
+    The whole batch's count (4 + 5 values) travels as a tensor."""
+    r0, r1 = launch(_body_counts, 2, timeout_s=90)
+    assert r0 == r1 == dict(is_tensor=True, n=9.0)

@@ -54,9 +54,26 @@ Design decisions:
   check has passed.
 - Every process must make the same calls: the forward in training mode, and the
   backward through the layer (as with DDP). The backward always all-reduces, even where
-  dx is not needed, so that no process waits for a call another skipped. A process that
-  raises or dies makes the others fail in the collective (at the latest after the
-  process group's ``timeout``) with a RuntimeError that says so.
+  dx is not needed, so that no process waits for a call another skipped. Ranks that
+  run different numbers of steps (an uneven last batch dropped on one rank only, an
+  early ``break``) are not supported: the ranks with more steps wait for a partner.
+- "No hang" means: until the process group's ``timeout``. A process that raises or
+  dies makes the others fail in their next collective with a RuntimeError that says
+  so, but only once the backend gives up on the missing peer, which is the
+  ``timeout`` given to ``init_process_group`` (torch's defaults: 30 minutes for gloo,
+  10 minutes for NCCL). Set a shorter one for interactive work
+  (``bnlib.spawn.launch`` does).
+- Processes that disagree on the channel count or the dtype raise the same
+  RuntimeError, naming each rank's, on every process: a module's first synchronized
+  call gathers every process's (C, dtype) in a vector of the same size everywhere;
+  later calls carry C and the dtype in the statistics vector, checked on CPU each
+  call. Without this a size mismatch inside gloo terminates one process outright.
+- Communication per layer and training step: one all_gather of 2C + 3 float64 numbers
+  in the forward (count, C, dtype, then the mean and M2 of each channel), one
+  all_reduce of 2C float64 numbers in the backward, plus the 2-number handshake on a
+  module's first call. On a GPU the counts stay on the device: no host
+  synchronization per layer (the one-value-per-channel check, which needs the count
+  on the host, is made on CPU only, like torch's SyncBatchNorm makes none).
 - Double backward is not supported in synchronized mode (the backward's all-reduce is
   not differentiable): it raises. torch.compile and torch.func are not supported in
   synchronized mode either; in the other modes the module is bnlib.nn's BatchNorm.
@@ -118,29 +135,77 @@ def _collective(op, *args, group) -> None:
         ) from err
 
 
-def _gather_stats(xf: Tensor, group, world_size: int) -> tuple[int, Tensor, Tensor]:
-    """``(n, mu, M2)`` of the whole batch: its count of values per channel, and per
-    channel its mean and sum of squared deviations, merged from every process's shard
-    by Chan et al.'s formula. xf (N, C, ...) -> int, (C,) float64, (C,) float64."""
+# dtypes as numbers, to travel in the float64 vector every process gathers anyway
+_DTYPE_CODES = {torch.float16: 1.0, torch.bfloat16: 2.0, torch.float32: 3.0,
+                torch.float64: 4.0}
+_CODE_NAMES = {code: str(dtype).removeprefix("torch.")
+               for dtype, code in _DTYPE_CODES.items()}
+
+
+def _check_agreement(rows: list[list[float]], what: str) -> None:
+    """Raise the same RuntimeError on every process if the gathered (C, dtype code)
+    rows, one per rank, disagree. Every process holds every row, so every process
+    raises, with the same message, before anything else is sent."""
+    if len({(c, code) for c, code in rows}) == 1:
+        return
+    ranks = "; ".join(f"rank {r}: {int(c)} channels, "
+                      f"{_CODE_NAMES.get(code, 'unsupported dtype')}"
+                      for r, (c, code) in enumerate(rows))
+    raise RuntimeError(
+        f"SyncBatchNorm: the processes disagree on the {what} ({ranks}). Every process "
+        "must run the same model, with the same num_features and dtype, on inputs of "
+        "the same channel count and dtype: the statistics of channels that differ "
+        "cannot be merged."
+    )
+
+
+def _handshake(x: Tensor, group, world_size: int) -> None:
+    """A module's first synchronized call: gather every process's (C, dtype) in a
+    vector of the same size everywhere (2 numbers), and check they agree. After it,
+    the statistics vector (whose size depends on C) has the same size everywhere; a
+    later change of dtype on one process is caught in it (see _gather_stats)."""
+    mine = torch.tensor([x.shape[1], _DTYPE_CODES.get(x.dtype, 0.0)],
+                        dtype=torch.float64, device=x.device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    _collective(dist.all_gather, gathered, mine, group=group)
+    _check_agreement(torch.stack(gathered).tolist(), "input's channels or dtype")
+
+
+def _gather_stats(xf: Tensor, dtype: torch.dtype, group, world_size: int,
+                  on_host: bool) -> tuple[Tensor, int | None, Tensor, Tensor]:
+    """``(n, n_host, mu, M2)`` of the whole batch: its count of values per channel
+    (a float64 tensor on xf's device; ``n_host``, the same as an int, only when
+    ``on_host``), and per channel its mean and sum of squared deviations, merged from
+    every process's shard by Chan et al.'s formula. xf (N, C, ...) -> (), int | None,
+    (C,) float64, (C,) float64.
+
+    One all_gather of ``(n_p, C, dtype code, mu_p, M2_p)``, 2C + 3 float64 numbers per
+    process. With ``on_host`` (CPU tensors: reading them costs no device sync) the C
+    and dtype columns are checked on every call; on a GPU the counts stay on the
+    device, with no host synchronization, and the agreement is the handshake's."""
     c = xf.shape[1]
     n_p = xf.numel() // c  # this shard's values per channel, 0 for an empty shard
-    packed = torch.zeros(2 * c + 1, dtype=torch.float64, device=xf.device)
-    packed[0] = n_p
+    packed = torch.zeros(2 * c + 3, dtype=torch.float64, device=xf.device)
+    packed[:3] = torch.tensor([n_p, c, _DTYPE_CODES.get(dtype, 0.0)],
+                              dtype=torch.float64)
     if n_p:
         mu_p = _channel_sum(xf) / n_p  # (N, C, ...) -> (C,)
         xc = xf - _bcast(mu_p, xf)
-        packed[1:c + 1] = mu_p
-        packed[c + 1:] = _channel_dot(xc, xc)  # M2_p = sum((x - mu_p)^2), (C,)
+        packed[3:c + 3] = mu_p
+        packed[c + 3:] = _channel_dot(xc, xc)  # M2_p = sum((x - mu_p)^2), (C,)
     gathered = [torch.empty_like(packed) for _ in range(world_size)]
     _collective(dist.all_gather, gathered, packed, group=group)
-    stats = torch.stack(gathered)  # (P, 2C + 1), the same on every process
-    counts, mus, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
-    n = int(counts.sum().item())
-    if n == 0:  # every shard empty
-        return 0, packed[1:c + 1], packed[c + 1:]
-    mu = (counts * mus).sum(0) / n  # (P, C) -> (C,)
-    m2 = m2s.sum(0) + (counts * (mus - mu) ** 2).sum(0)  # (P, C) -> (C,)
-    return n, mu, m2
+    stats = torch.stack(gathered)  # (P, 2C + 3), the same on every process
+    counts, mus, m2s = stats[:, :1], stats[:, 3:c + 3], stats[:, c + 3:]
+    n_host = None
+    if on_host:
+        head = stats[:, :3].tolist()
+        _check_agreement([row[1:] for row in head], "input's dtype")
+        n_host = int(sum(row[0] for row in head))
+    n = counts.sum()  # (), float64, on xf's device
+    mu = (counts * mus).sum(0) / n.clamp(min=1)  # (P, C) -> (C,); 0 if every shard
+    m2 = m2s.sum(0) + (counts * (mus - mu) ** 2).sum(0)  # is empty    (P, C) -> (C,)
+    return n, n_host, mu, m2
 
 
 # --------------------------------------------------------------------------- function
@@ -155,7 +220,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     - x: (N, C, *spatial), this process's shard (N may be 0).
     - weight, bias: (C,) or None. mean, inv_std: (C,), the whole batch's statistics
       (constants here: the backward formula accounts for their dependence on x).
-    - count: the whole batch's values per channel (an int); group: the process group.
+    - count: the whole batch's values per channel (an int, or a 0-dim tensor on x's
+      device, which needs no host synchronization); group: the process group.
     - y: like x, ``weight * (x - mean) * inv_std + bias``.
     """
 
@@ -184,10 +250,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
         c, n = x.shape[1], ctx.count
         xc = xf - _bcast(mean, xf)  # x - mu, (N, C, ...)
         local = torch.cat([_channel_sum(dy), _channel_dot(xc, dy)])  # (2C,)
-        total = local.clone()
+        total = local.to(torch.float64, copy=True)  # float64 on every process
         # Always, even where dx is not needed: every process must make the same calls.
         _collective(dist.all_reduce, total, group=ctx.group)
         dbeta_p, dgamma_p = local[:c], local[c:] * inv_std  # this shard's sums
+        total = _to(total, local.dtype)
         dbeta, dgamma = total[:c], total[c:] * inv_std  # the whole batch's
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
         dx = dw = db = None
@@ -342,10 +409,15 @@ class SyncBatchNorm(_TorchBatchNorm):
         _bn_training, running_mean, running_var = _mode(self)
         _check_shard(x, running_mean, running_var, self.weight, self.bias, self.eps,
                      self.num_features)
+        if not getattr(self, "_agreed", False):  # the module's first synchronized call
+            _handshake(x, group, world_size)  # the same error on every process
+            self._agreed = True  # on every process: the next calls skip it alike
         xf = _compute(x)
+        on_host = x.device.type == "cpu"
         with torch.no_grad():
-            n, mu, m2 = _gather_stats(xf.detach(), group, world_size)
-        if n == 1:  # the same n on every process: they all raise
+            n, n_host, mu, m2 = _gather_stats(xf.detach(), x.dtype, group, world_size,
+                                              on_host)
+        if n_host == 1:  # the same n on every process: they all raise
             raise ValueError(
                 "Expected more than 1 value per channel when training, got input size "
                 f"{tuple(x.shape)} on this process and 1 value per channel over the "
@@ -359,7 +431,7 @@ class SyncBatchNorm(_TorchBatchNorm):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average over the batches seen
                 factor = 1.0 / self.num_batches_tracked.double()
-        if n == 0:  # every shard empty: what batch norm does with an empty batch
+        if n_host == 0:  # every shard empty: what batch norm does with an empty batch
             return _empty_output(x, self.weight, self.bias)
         inv_std = torch.rsqrt(m2 / n + self.eps)  # (C,), float64
         y = SyncBatchNormFunction.apply(x, self.weight, self.bias, _to(mu, xf.dtype),
@@ -367,8 +439,12 @@ class SyncBatchNorm(_TorchBatchNorm):
         if running_mean is not None and running_var is not None:
             with torch.no_grad():  # running += momentum * (stat - running)
                 unbiased_var = m2 / (n - 1)  # the whole batch's, with the total count
+                if n_host is None:  # on a GPU: no update from an all-empty batch
+                    factor = torch.where(n > 1, torch.as_tensor(factor, device=n.device,
+                                                                dtype=n.dtype), 0.0)
                 for running, stat in ((running_mean, mu), (running_var, unbiased_var)):
-                    running.lerp_(_to(stat, running.dtype), factor)
+                    running.lerp_(_to(stat, running.dtype), _to(factor, running.dtype)
+                                  if isinstance(factor, Tensor) else factor)
         return y
 
     @classmethod
