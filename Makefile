@@ -81,3 +81,23 @@ clean:
 freeze: $(STAMP)
 	{ grep '^#' requirements.txt; $(BIN)/python -m pip freeze --exclude-editable \
 	  | sed 's/+cpu$$//'; } > requirements.new && mv requirements.new requirements.txt
+
+# The course kit (course/, issue 17): `make course` builds the student notebooks and the
+# Otter autograders into _build/course/; `make grade NB=submission.ipynb` grades one
+# submission offline (no container, no network), last line `score: X / Y`. The kit's
+# check (tests/test_course.py) runs in `make pytest`, so in `make test`; `make
+# course-check` runs it alone.
+.PHONY: course grade course-check
+COURSE_STAMP := _build/course/.built
+$(COURSE_STAMP): $(STAMP) scripts/course.py $(wildcard course/*.ipynb course/*.py course/wrong/*.py)
+	$(BIN)/python scripts/course.py build
+	touch $@
+
+course: $(COURSE_STAMP)
+
+grade: $(COURSE_STAMP)
+	@test -n "$(NB)" || { echo "usage: make grade NB=path/to/submission.ipynb"; exit 2; }
+	@$(BIN)/python scripts/course.py grade "$(NB)"
+
+course-check: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider tests/test_course.py

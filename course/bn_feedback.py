@@ -150,8 +150,8 @@ def check_forward(y, x, gamma, beta, eps=1e-5, rtol=1e-8, atol=1e-10, name="y"):
             f"{name} matches (x - mu) / (sqrt(var) + eps): eps is outside the square "
             "root. Batch norm adds eps to the variance, (x - mu) / sqrt(var + eps). The "
             f"two differ most for a feature with a small variance: here var = {v:.3g} "
-            f"with eps = {eps:g}, and that feature's x_hat has std {s_you:.4f} instead "
-            f"of {s_ref:.4f}."
+            f"with eps = {eps:g}, and that feature's x_hat has std {s_you:.6g} instead "
+            f"of {s_ref:.6g}."
         )
     if _close(x_hat, candidates["no-eps"], **tol):
         _fail(f"{name} is normalized by sqrt(var) without eps: use sqrt(var + eps), "

@@ -1,12 +1,12 @@
-"""The course kit's commands: build the student notebooks and grade a submission offline.
+"""The course kit's commands: build the student notebooks, grade a submission offline.
 
-    python scripts/course.py build [OUT]      # make course: OUT defaults to _build/course
-    python scripts/course.py grade NB [OUT]   # make grade NB=...: prints score: X / Y last
+    python scripts/course.py build [OUT]     # make course (OUT: _build/course)
+    python scripts/course.py grade NB [OUT]  # make grade NB=...; last line score: X / Y
 
 The grader is Otter-Grader (pinned in requirements.txt). ``build`` runs ``otter assign``
 on each master notebook in ``course/`` and lays the result out as
 
-    OUT/student/<assignment>.ipynb        hand these out (no solutions, public tests only)
+    OUT/student/<assignment>.ipynb        hand these out (no solutions, public tests)
     OUT/autograder/<assignment>.zip       Otter's autograder (hidden tests included)
     OUT/solutions/<assignment>.ipynb      the master with solutions, outputs cleared
     OUT/wrong/<mistake>.ipynb             the kept wrong submissions (course/wrong/*.py)
@@ -24,8 +24,8 @@ import ast
 import contextlib
 import io
 import json
-import re
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -96,12 +96,15 @@ def build(out: Path = DEFAULT_OUT, run_tests: bool = False) -> Path:
                 try:
                     otter_assign(str(master), str(dist), no_run_tests=not run_tests)
                 except BaseException as e:
-                    raise RuntimeError(f"otter assign {master.name} failed: {e}\n"
-                                       f"{log.getvalue()}") from e
+                    raise RuntimeError(
+                        f"otter assign {master.name} failed: {e}\n{log.getvalue()}"
+                    ) from e
             shutil.copy(dist / "student" / master.name, out / "student" / master.name)
             (zip_path,) = (dist / "autograder").glob("*.zip")
             shutil.copy(zip_path, out / "autograder" / f"{name}.zip")
-            shutil.copy(dist / "autograder" / master.name, out / "solutions" / master.name)
+            shutil.copy(
+                dist / "autograder" / master.name, out / "solutions" / master.name
+            )
     for spec in sorted(WRONG.glob("*.py")):
         write_wrong_submission(spec, out)
     return out
@@ -132,28 +135,39 @@ def read_wrong_spec(path: Path) -> WrongSpec:
         if m:
             fields[m.group(1)].append(m.group(2).strip())
     if not fields["assignment"] or not fields["loses"] or not fields["says"]:
-        raise ValueError(f"{path}: the docstring needs assignment:, loses: and says: lines")
+        raise ValueError(
+            f"{path}: the docstring needs assignment:, loses: and says: lines"
+        )
     lines = src.splitlines()
     functions = {}
     for node in tree.body:
         if isinstance(node, ast.FunctionDef):
             functions[node.name] = "\n".join(lines[node.lineno - 1 : node.end_lineno])
-    loses = [t.strip() for item in fields["loses"] for t in item.split(",") if t.strip()]
-    return WrongSpec(Path(path), fields["assignment"][0], loses, fields["says"], functions)
+    loses = [
+        t.strip() for item in fields["loses"] for t in item.split(",") if t.strip()
+    ]
+    return WrongSpec(
+        Path(path), fields["assignment"][0], loses, fields["says"], functions
+    )
 
 
 def write_wrong_submission(spec_path: Path, out: Path) -> Path:
-    """The solutions notebook with the spec's functions put in place of the right ones."""
+    """The solutions notebook with the spec's functions in place of the right ones."""
     import nbformat
 
     spec = read_wrong_spec(spec_path)
     sol = Path(out) / "solutions" / f"{spec.assignment}.ipynb"
     nb = nbformat.read(sol, as_version=4)
     for fname, fsrc in spec.functions.items():
-        hits = [c for c in nb.cells
-                if c.cell_type == "code" and c.source.lstrip().startswith(f"def {fname}(")]
+        hits = [
+            c
+            for c in nb.cells
+            if c.cell_type == "code" and c.source.lstrip().startswith(f"def {fname}(")
+        ]
         if len(hits) != 1:
-            raise ValueError(f"{spec_path.name}: no single cell defines {fname} in {sol}")
+            raise ValueError(
+                f"{spec_path.name}: no single cell defines {fname} in {sol}"
+            )
         hits[0].source = fsrc
     dest = Path(out) / "wrong" / f"{spec_path.stem}.ipynb"
     nbformat.write(nb, dest)
@@ -208,7 +222,9 @@ class Report:
                     for m in t.message.splitlines():
                         lines.append(f"         {m}")
         for q, pts in self.manual:
-            lines.append(f"{q}: graded by hand ({_num(pts)} pt, not in the score below)")
+            lines.append(
+                f"{q}: graded by hand ({_num(pts)} pt, not in the score below)"
+            )
         if self.error:
             lines.append(f"grader error: {self.error}")
         lines.append(f"score: {_num(self.score)} / {_num(self.possible)}")
@@ -223,8 +239,10 @@ def _assignment_of(nb_path: Path) -> str:
     meta = json.loads(Path(nb_path).read_text()).get("metadata", {})
     name = meta.get("otter", {}).get("assignment_name")
     if not name:
-        raise SystemExit(f"{nb_path}: not an assignment notebook (no otter metadata); "
-                         "submit the notebook handed out, renamed if you like")
+        raise SystemExit(
+            f"{nb_path}: not an assignment notebook (no otter metadata); "
+            "submit the notebook handed out, renamed if you like"
+        )
     return name
 
 
@@ -237,12 +255,15 @@ def _test_names(zip_path: Path) -> dict[str, list[tuple[str, bool]]]:
         for info in z.namelist():
             if info.startswith("tests/") and info.endswith(".py"):
                 tf = ExceptionTestFile.from_string(z.read(info).decode(), path=info)
-                names[tf.name] = [(tc.body.test_func.__name__, tc.hidden)
-                                  for tc in tf.test_cases]
+                names[tf.name] = [
+                    (tc.body.test_func.__name__, tc.hidden) for tc in tf.test_cases
+                ]
     return names
 
 
-def _manual_questions(zip_path: Path, solutions: Path | None) -> list[tuple[str, float]]:
+def _manual_questions(
+    zip_path: Path, solutions: Path | None
+) -> list[tuple[str, float]]:
     if solutions is None or not solutions.exists():
         return []
     out = []
@@ -251,14 +272,16 @@ def _manual_questions(zip_path: Path, solutions: Path | None) -> list[tuple[str,
         if cell["cell_type"] == "raw" and "manual: true" in src:
             name = re.search(r"name:\s*(\S+)", src)
             pts = re.search(r"points:\s*([\d.]+)", src)
-            out.append((name.group(1) if name else "?", float(pts.group(1)) if pts else 1))
+            out.append(
+                (name.group(1) if name else "?", float(pts.group(1)) if pts else 1)
+            )
     return out
 
 
 def _failure_text(message: str) -> str:
     """Otter's failure text without its header: the exception's message."""
     lines = message.splitlines()
-    # "❌ Test case failed" / "Error at line N in test qK:" / "  <source line>" / "Exc: msg"
+    # "❌ Test case failed" / "Error at line N in test qK:" / "  <line>" / "Exc: msg"
     body = "\n".join(lines[3:]) if len(lines) > 3 else message
     return re.sub(r"^AssertionError: ?", "", body)
 
@@ -272,7 +295,9 @@ def grade(nb_path: Path, kit: Path = DEFAULT_OUT) -> Report:
     assignment = _assignment_of(nb_path)
     zip_path = Path(kit) / "autograder" / f"{assignment}.zip"
     if not zip_path.exists():
-        raise SystemExit(f"no autograder for {assignment} in {kit}: run make course first")
+        raise SystemExit(
+            f"no autograder for {assignment} in {kit}: run make course first"
+        )
     names = _test_names(zip_path)
     manual = _manual_questions(zip_path, COURSE / f"{assignment}.ipynb")
     with tempfile.TemporaryDirectory() as tmp, _captured_fds() as log:
@@ -282,8 +307,9 @@ def grade(nb_path: Path, kit: Path = DEFAULT_OUT) -> Report:
         try:
             results = grade_submission(str(sub), str(zip_path), quiet=True)
         except Exception as e:
-            raise RuntimeError(f"the grader failed on {nb_path}: {e}\n"
-                               f"{log.getvalue()}") from e
+            raise RuntimeError(
+                f"the grader failed on {nb_path}: {e}\n{log.getvalue()}"
+            ) from e
     tests = []
     for q in sorted(names, key=_natural):
         tf = results.results.get(q)
@@ -337,15 +363,24 @@ def grade_in_process(nb_path: Path, kit: Path = DEFAULT_OUT) -> Report:
                     exec(compile(src, f"<cell {i}>", "exec"), env)
                 except Exception:
                     pass  # as Otter: errors in a submission's cells are ignored
-            files = sorted(Path(tmp, "tests").glob("*.py"), key=lambda f: _natural(f.stem))
+            files = sorted(
+                Path(tmp, "tests").glob("*.py"), key=lambda f: _natural(f.stem)
+            )
             for f in files:
                 tf = ExceptionTestFile.from_file(str(f))
                 tf.run(env)
                 for tc, r in zip(tf.test_cases, tf.test_case_results, strict=True):
                     msg = "" if r.passed else _failure_text(r.message)
-                    tests.append(TestResult(tf.name, tc.body.test_func.__name__,
-                                            tc.hidden, float(tc.points or 0),
-                                            bool(r.passed), msg))
+                    tests.append(
+                        TestResult(
+                            tf.name,
+                            tc.body.test_func.__name__,
+                            tc.hidden,
+                            float(tc.points or 0),
+                            bool(r.passed),
+                            msg,
+                        )
+                    )
         finally:
             sys.path.remove(str(Path(tmp) / "files"))
             sys.modules.pop("bn_feedback", None)
@@ -364,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build student notebooks and the autograders")
     b.add_argument("out", nargs="?", default=str(DEFAULT_OUT))
-    b.add_argument("--run-tests", action="store_true",
-                   help="let otter assign also run the tests on the solutions")
+    b.add_argument(
+        "--run-tests",
+        action="store_true",
+        help="let otter assign also run the tests on the solutions",
+    )
     g = sub.add_parser("grade", help="grade one submitted notebook")
     g.add_argument("notebook")
     g.add_argument("kit", nargs="?", default=str(DEFAULT_OUT))
