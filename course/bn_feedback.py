@@ -374,3 +374,164 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     mean = mean_a + delta * n_b / n
     m2 = m2_a + m2_b + delta**2 * n_a * n_b / n
     return n, mean, m2
+
+
+# ------------------------------------------------------------------ A2: nodes, images, ghost
+
+
+def ref_nodes(dy, x, gamma, eps=1e-5):
+    """Every node's gradient of the forward graph, float64, for x (N, D).
+
+    xc = x - mu;  var = mean(xc**2);  std = sqrt(var + eps);  inv = 1 / std;
+    x_hat = xc * inv;  y = gamma * x_hat + beta
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    g = np.asarray(gamma, np.float64)
+    M = x.shape[0]
+    mu = x.mean(0)
+    xc = x - mu
+    var = (xc**2).mean(0)
+    std = np.sqrt(var + eps)
+    inv = 1 / std
+    x_hat = xc * inv
+    d = {"dbeta": dy.sum(0), "dgamma": (dy * x_hat).sum(0), "dx_hat": dy * g}
+    d["dinv"] = (d["dx_hat"] * xc).sum(0)
+    d["dstd"] = -d["dinv"] / std**2
+    d["dvar"] = d["dstd"] / (2 * std)
+    d["dxc"] = d["dx_hat"] * inv + 2 * xc * d["dvar"] / M
+    d["dmu"] = -d["dxc"].sum(0)
+    d["dx"] = d["dxc"] + d["dmu"] / M
+    return d
+
+
+NODE_HINTS = {
+    "dx_hat": "y = gamma * x_hat + beta, so dx_hat = dy * gamma.",
+    "dinv": "x_hat = xc * inv with inv one value per feature: dinv = sum(dx_hat * xc, "
+    "axis=0).",
+    "dstd": "inv = 1 / std: dstd = -dinv / std**2.",
+    "dvar": "std = sqrt(var + eps): dvar = dstd / (2 * std).",
+    "dxc": "xc has two paths to the loss, through x_hat and through var: dxc = dx_hat * "
+    "inv + 2 * xc * dvar / M. Is one of the two missing?",
+    "dmu": "xc = x - mu: dmu = -sum(dxc, axis=0).",
+    "dx": "x reaches the loss through xc and through mu = mean(x): dx = dxc + dmu / M.",
+}
+
+
+def check_nodes(nodes, dy, x, gamma, eps=1e-5, rtol=1e-7):
+    """Compare a dict of node gradients with the reference, in graph order, backwards."""
+    if not isinstance(nodes, dict):
+        _fail(f"bn_backward_steps should return a dict of node gradients, got "
+              f"{type(nodes).__name__}.")
+    ref = ref_nodes(dy, x, gamma, eps)
+    for name in ["dbeta", "dgamma", "dx_hat", "dinv", "dstd", "dvar", "dxc", "dmu", "dx"]:
+        if name not in nodes:
+            _fail(f"the dict has no {name!r}: keys expected {list(ref)}.")
+        got = _arr(np.asarray(nodes[name]), name, ref[name].shape)
+        if _rel(got, ref[name]) > rtol:
+            hint = NODE_HINTS.get(name, "")
+            _fail(
+                f"{name} is the first node that is off, walking back from y (relative "
+                f"error {_rel(got, ref[name]):.2g}; the nodes computed before it are "
+                f"right). {hint}"
+            )
+
+
+def check_numgrad(numerical_gradient):
+    """A student's central-difference gradient: accuracy order, restores x, any shape."""
+    x = np.array([[0.5, -1.0, 2.0], [1.5, 0.3, -0.7]])
+    x0 = x.copy()
+    dout = np.ones_like(x)
+    h = 1e-3
+    g = call(numerical_gradient, "numerical_gradient", lambda v: v**3, x, dout, h)
+    g = _arr(np.asarray(g), "the numerical gradient", x.shape)
+    if not np.array_equal(x, x0):
+        _fail("numerical_gradient changed x: restore each entry after perturbing it "
+              "(old value back, also after the last one).")
+    exact = 3 * x0**2
+    err = float(np.abs(g - exact).max())
+    if _close(g, ((x0 + h) ** 3 - x0**3) / h, 1e-6, 1e-9):
+        _fail(
+            f"this is the one-sided difference (f(x + h) - f(x)) / h: its error is O(h), "
+            f"here {err:.2g} for f(x) = x**3 with h = {h:g}. The central difference "
+            "(f(x + h) - f(x - h)) / (2h) has error O(h**2) (h**2 = 1e-6 here)."
+        )
+    if _close(g, 2 * exact, 1e-4, 1e-6):
+        _fail("the gradient is twice the right one: divide by 2h, not h.")
+    if err > 1e-5:
+        _fail(f"for f(x) = x**3 and h = {h:g} the gradient is off by {err:.2g}; a "
+              "central difference is within about h**2 = 1e-6.")
+
+
+def ref_forward_nd(x, gamma, beta, eps=1e-5):
+    """Batch norm over (N, C, *spatial): statistics per channel over axes (0, 2, 3, ...)."""
+    x = np.asarray(x, np.float64)
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    mu = x.mean(axes, keepdims=True)
+    var = ((x - mu) ** 2).mean(axes, keepdims=True)
+    x_hat = (x - mu) / np.sqrt(var + eps)
+    return np.asarray(gamma, np.float64).reshape(shape) * x_hat + np.asarray(
+        beta, np.float64
+    ).reshape(shape)
+
+
+def check_forward_nd(y, x, gamma, beta, eps=1e-5, rtol=1e-8, atol=1e-10):
+    """An (N, C, H, W) output against the reference; name the axes used if wrong."""
+    y = _arr(y, "y", x.shape)
+    ref = ref_forward_nd(x, gamma, beta, eps)
+    if _close(y, ref, rtol, atol):
+        return
+    x64 = np.asarray(x, np.float64)
+    shape = (1, x.shape[1], 1, 1)
+    g = np.asarray(gamma, np.float64).reshape(shape)
+    b = np.asarray(beta, np.float64).reshape(shape)
+    wrong = {
+        (0,): "over axis 0 only: one mean per channel AND position (H x W of them). A "
+        "convolution shares its filter across positions, so batch norm shares its "
+        "statistics too: average over (0, 2, 3), N * H * W values per channel",
+        (0, 1, 2, 3): "over the whole array: one mean for every channel; keep one per "
+        "channel, over (0, 2, 3)",
+        (1, 2, 3): "per example (axes 1, 2, 3: that is LayerNorm); batch norm averages "
+        "over the batch and the positions, (0, 2, 3)",
+        (2, 3): "per example and channel (axes 2, 3: that is InstanceNorm); batch norm "
+        "also averages over the batch, (0, 2, 3)",
+        (0, 1): "over axes (0, 1): the channel axis is 1; average over (0, 2, 3)",
+    }
+    for axes, words in wrong.items():
+        mu = x64.mean(axes, keepdims=True)
+        var = ((x64 - mu) ** 2).mean(axes, keepdims=True)
+        if _close(y, g * (x64 - mu) / np.sqrt(var + eps) + b, 1e-6, 1e-8):
+            _fail(f"y is normalized {words}.")
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mu = x64.mean((0, 2, 3), keepdims=True)
+    var_u = x64.var((0, 2, 3), ddof=1, keepdims=True)
+    if _close(y, g * (x64 - mu) / np.sqrt(var_u + eps) + b, 1e-6, 1e-8):
+        _fail(f"y is normalized with the unbiased variance: divide by M = N * H * W = "
+              f"{n}, not M - 1.")
+    _fail(f"y differs from batch norm over (0, 2, 3) by up to "
+          f"{float(np.abs(y - ref).max()):.3g} (x shape {x.shape}).")
+
+
+def check_ghost(y, x, gamma, beta, ghost, eps=1e-5):
+    """Ghost batch norm: contiguous chunks of `ghost` examples, each normalized alone."""
+    N, D = x.shape
+    y = _arr(y, "y", x.shape)
+    x64 = np.asarray(x, np.float64)
+    chunks = x64.reshape(N // ghost, ghost, D)
+    ref = np.concatenate([ref_forward(c, gamma, beta, eps)[0] for c in chunks])
+    if _close(y, ref, 1e-8, 1e-10):
+        return
+    if _close(y, ref_forward(x64, gamma, beta, eps)[0], 1e-6, 1e-8):
+        _fail(f"y is normalized with the statistics of the whole batch of {N}: ghost "
+              f"batch norm splits it into {N // ghost} ghost batches of {ghost} "
+              "consecutive examples and normalizes each with its own mean and variance.")
+    strided = np.empty_like(x64)
+    k = N // ghost
+    for i in range(k):
+        strided[i::k] = ref_forward(x64[i::k], gamma, beta, eps)[0]
+    if _close(y, strided, 1e-6, 1e-8):
+        _fail("the ghost batches are strided (x[i::k]); take consecutive examples, "
+              f"x[i * {ghost}:(i + 1) * {ghost}], as x.reshape(-1, ghost, D) does.")
+    _fail(f"y differs from ghost batch norm (ghost batches of {ghost}) by up to "
+          f"{float(np.abs(y - ref).max()):.3g}.")

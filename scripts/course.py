@@ -159,16 +159,23 @@ def write_wrong_submission(spec_path: Path, out: Path) -> Path:
     sol = Path(out) / "solutions" / f"{spec.assignment}.ipynb"
     nb = nbformat.read(sol, as_version=4)
     for fname, fsrc in spec.functions.items():
-        hits = [
-            c
-            for c in nb.cells
-            if c.cell_type == "code" and c.source.lstrip().startswith(f"def {fname}(")
-        ]
+        hits = []
+        for cell in nb.cells:
+            if cell.cell_type != "code":
+                continue
+            try:
+                tree = ast.parse(cell.source)
+            except SyntaxError:
+                continue
+            for node in tree.body:
+                if isinstance(node, ast.FunctionDef) and node.name == fname:
+                    hits.append((cell, node))
         if len(hits) != 1:
-            raise ValueError(
-                f"{spec_path.name}: no single cell defines {fname} in {sol}"
-            )
-        hits[0].source = fsrc
+            raise ValueError(f"{spec_path.name}: no single def of {fname} in {sol}")
+        cell, node = hits[0]
+        lines = cell.source.splitlines()
+        lines[node.lineno - 1 : node.end_lineno] = fsrc.splitlines()
+        cell.source = "\n".join(lines)
     dest = Path(out) / "wrong" / f"{spec_path.stem}.ipynb"
     nbformat.write(nb, dest)
     return dest
