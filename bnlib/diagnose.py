@@ -19,37 +19,51 @@ statistics that were never trained or no longer match the data.
   but it is in training mode and tracks running statistics, so every forward still
   moves them (and normalizes with batch statistics). Put it in eval mode, again after
   every ``model.train()``.
-- ``dropout-before-bn``: a Dropout with ``p > 0`` feeds a BN directly or through one
-  Linear or Conv layer; elementwise activations (ReLU, GELU, ...) and reshapes on the
-  way are seen through, since they do not undo dropout's variance shift. Dropout
-  scales the variance in training, not at test time, so the running variance does not
-  match test-time inputs (Li et al., 2019): move dropout after the last BN, or
-  recompute the statistics with dropout off.
+- ``dropout-before-bn``: a Dropout with ``p > 0`` (any kind but ``AlphaDropout`` and
+  ``FeatureAlphaDropout``, which keep mean and variance by design), or a functional
+  ``F.dropout``, feeds a BN directly or through one Linear or Conv layer; elementwise
+  activations (ReLU, GELU, ...), reshapes, ``torch.cat`` and ``+`` on the way are seen
+  through, since they do not undo dropout's variance shift. Dropout scales the
+  variance in training, not at test time, so the running variance does not match
+  test-time inputs (Li et al., 2019): move dropout after the last BN, or recompute the
+  statistics with dropout off.
 - ``untrained-running-stats``: a BN in eval mode whose ``num_batches_tracked`` is 0
   and whose running statistics still hold their initial values (mean 0, variance 1):
   it was never trained, or a checkpoint did not load its buffers.
-- ``stale-running-stats`` (needs ``x``): a BN in eval mode where this batch, normalized
-  with the running statistics, is far from standard,
+- ``stale-running-stats`` (needs ``x``): a BN in eval mode whose running statistics
+  are far from this batch's, compared like with like and against the spread sampling
+  alone gives at this batch size. Per channel c, over all dims but 1, with N examples:
 
-      x_hat = (x - running_mean) / sqrt(running_var + eps),  per channel c:
-      m_c = |mean(x_hat_c)|,   v_c = var(x_hat_c)   (statistics over all dims but 1)
+      d_c = |mean_B,c - running_mean_c| / sqrt(running_var_c + eps)
+      r   = mean_c (var_B,c + eps) / (running_var_c + eps)   (var_B unbiased)
 
-  flagged when ``median_c(m_c) > 1`` or ``median_c(v_c)`` is outside ``[1/4, 4]``: the
-  data has shifted since the statistics were computed; recompute them on data like
-  this (AdaBN). Not reported for a layer already reported as
-  ``untrained-running-stats``.
+  flagged when ``median_c(d_c) > 1 + 1.5 / sqrt(N)`` or ``r`` is outside ``[1/4, 4]``
+  widened by 4 sampling standard deviations, ``sqrt(2 / ((N - 1) C))`` (the variance
+  is not compared for N = 1). eps on both sides: a running variance far below eps (as
+  in MobileNet) is no alarm. Correct statistics give no finding at any batch size;
+  the data has shifted since they were computed: recompute them on data like this
+  (AdaBN). Not reported for a layer already reported as ``untrained-running-stats``.
 - ``small-batch`` (needs ``x``): a BN normalizes with batch statistics (training mode,
   or ``track_running_stats=False``) from fewer than 8 examples (dim 0 of its input;
-  for a Ghost BN, its virtual batch size where smaller): the statistics are noisy.
+  for a Ghost BN, its virtual batch size where smaller; for a SyncBatchNorm in
+  training, the batch over all its processes): the statistics are noisy.
 
-Without ``x`` the wiring (what feeds a BN) is read from ``nn.Sequential`` order, nested
-Sequentials flattened; a custom module inside a Sequential is opaque. With ``x`` one
-forward pass runs under hooks, and the wiring is read from the tensors themselves:
-each module's input is traced to the module that produced that very tensor (same
-object, unmodified since), so any ``nn.Module`` works. A tensor made by a functional
-call (``torch.relu(x)``, ``x + y``, ``x.view(...)``) has no producing module and
-hides the wiring before it; a layer that did not run in the forward keeps its
-``nn.Sequential`` wiring.
+Without ``x`` the wiring (what feeds a BN) is read by tracing the model with
+``torch.fx.symbolic_trace`` (nothing runs: forward sees proxies; the model is put
+back as it was), which sees custom forwards and functional calls; where the model does
+not trace (data-dependent control flow), from ``nn.Sequential`` order, nested
+Sequentials flattened. With ``x`` one forward pass runs on a copy of ``x`` under hooks
+and a ``TorchFunctionMode``, and the wiring is read from the tensors themselves: each
+module's input is traced to the module or functional call (``F.dropout``,
+``torch.cat``, ``x + y``, ``h.relu_()``) that produced that very tensor (same object,
+unmodified since), so any ``nn.Module`` works; calls inside a leaf module (a Linear, a
+BN) are its implementation, not wiring. A layer that did not run keeps its
+``nn.Sequential`` wiring. A Linear or Conv whose output also feeds another path
+(``bn(h) + h``) is not ``bias-before-bn``: its bias does not cancel.
+
+The probe never issues a collective: a SyncBatchNorm normalizes with this process's
+statistics during it, and a ``DistributedDataParallel`` wrapper's forward (which
+broadcasts buffers) is bypassed for its module's, so ``diagnose`` may run on one rank.
 
 Every BN class counts: subclasses of torch's ``_BatchNorm``, which include
 ``SyncBatchNorm``, the lazy BNs, and bnlib's ``BatchNorm1d/2d/3d``, ``BatchRenorm`` and
@@ -58,6 +72,7 @@ Every BN class counts: subclasses of torch's ``_BatchNorm``, which include
 
 from __future__ import annotations
 
+import contextlib
 import html
 import itertools
 import math
@@ -65,11 +80,26 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
-from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.parameter import UninitializedTensorMixin
+
+from ._wiring import (
+    _BN,
+    _WEIGHTED,
+    Graph,
+    _fx_graph,
+    _is_dropout,
+    _is_elementwise,
+    _is_reshape,
+    _only_feeds_bn,
+    _Op,
+    _sources,
+    _static_graph,
+    _Tracer,
+    _users,
+)
 
 __all__ = ["CODES", "Finding", "Findings", "diagnose"]
 
@@ -88,16 +118,6 @@ MAX_MOMENTUM = 0.5  # above this a momentum is almost surely Keras' convention
 MIN_BATCH = 8  # fewer examples than this give noisy batch statistics
 MAX_MEAN_SHIFT = 1.0  # median_c |mean(x_hat_c)| above this: stale statistics
 VAR_RATIO = (0.25, 4.0)  # median_c var(x_hat_c) outside this: stale statistics
-
-_BN = (_BatchNorm,)  # torch's SyncBatchNorm, lazy BNs and bnlib's BNs all subclass it
-_WEIGHTED = (nn.Linear, _ConvNd)  # nn.Bilinear is not a single-input layer
-_RESHAPE = (nn.Identity, nn.Flatten, nn.Unflatten)  # keep a bias constant per channel
-_ACTIVATION = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU,
-    nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid,
-    nn.LogSigmoid, nn.Tanh, nn.Tanhshrink, nn.Softplus, nn.Softsign,
-)
-
 
 # --------------------------------------------------------------------------- findings
 
@@ -156,121 +176,6 @@ class Findings(list):
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------- wiring
-
-# A wiring graph: module -> the modules that feed its (first) input; None stands for a
-# source no module produced (the model's input, a functional call).
-Graph = dict[nn.Module, set[nn.Module | None]]
-
-
-def _flatten_sequential(seq: nn.Sequential) -> list[nn.Module]:
-    """The layers of a Sequential in order, nested Sequentials expanded."""
-    out: list[nn.Module] = []
-    for m in seq:
-        out += _flatten_sequential(m) if isinstance(m, nn.Sequential) else [m]
-    return out
-
-
-def _static_graph(model: nn.Module) -> Graph:
-    """Wiring read from ``nn.Sequential`` order: each layer is fed by the one before."""
-    graph: Graph = {}
-    for seq in model.modules():
-        if isinstance(seq, nn.Sequential):
-            layers = _flatten_sequential(seq)
-            for prev, m in itertools.pairwise(layers):
-                graph.setdefault(m, set()).add(prev)
-    return graph
-
-
-def _first_tensor(value) -> Tensor | None:
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, list | tuple):
-        return next((v for v in value if isinstance(v, Tensor)), None)
-    return None
-
-
-class _Tracer:
-    """Forward hooks that record, for each module, which module produced its input.
-
-    A tensor's producer is the module that returned it. A leaf module always claims its
-    output (``nn.Identity`` and dropout in eval mode return their input itself); a
-    container claims it only when no module inside did, or when the tensor was changed
-    in place since (its ``_version`` moved: an in-place ReLU, ``x.relu_()`` in a custom
-    forward). An input changed in place by something no hook saw has no producer.
-    """
-
-    def __init__(self, model: nn.Module,
-                 on_bn_input: Callable[[nn.Module, Tensor], None]) -> None:
-        self.graph: Graph = {}
-        # id(tensor) -> (tensor, its _version then, producer): holding the tensor keeps
-        # its id from being reused by another tensor during the forward
-        self.produced: dict[int, tuple[Tensor, int, nn.Module]] = {}
-        self.on_bn_input = on_bn_input
-        self.handles = []
-        for m in dict.fromkeys(model.modules()):  # each module once, even if shared
-            self.handles.append(m.register_forward_pre_hook(self._pre_hook))
-            self.handles.append(m.register_forward_hook(self._hook))
-
-    def _producer(self, t: Tensor) -> nn.Module | None:
-        entry = self.produced.get(id(t))
-        if entry is None or entry[0] is not t or entry[1] != t._version:
-            return None
-        return entry[2]
-
-    def _pre_hook(self, module: nn.Module, args) -> None:
-        t = _first_tensor(args)
-        if t is None:
-            return
-        self.graph.setdefault(module, set()).add(self._producer(t))
-        if isinstance(module, _BN):
-            self.on_bn_input(module, t)
-
-    def _hook(self, module: nn.Module, args, output) -> None:
-        outputs = output if isinstance(output, list | tuple) else (output,)
-        leaf = next(module.children(), None) is None
-        for t in outputs:
-            if not isinstance(t, Tensor):
-                continue
-            entry = self.produced.get(id(t))
-            if leaf or entry is None or entry[0] is not t or entry[1] != t._version:
-                self.produced[id(t)] = (t, t._version, module)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.produced.clear()
-
-
-def _sources(
-    m: nn.Module, graph: Graph, see_through: Callable[[nn.Module], bool]
-) -> set[nn.Module | None]:
-    """The modules feeding ``m``, looking through those ``see_through`` accepts."""
-    out: set[nn.Module | None] = set()
-    stack, seen = [m], {m}
-    while stack:
-        for p in graph.get(stack.pop(), ()):
-            if p is not None and see_through(p):
-                if p not in seen:
-                    seen.add(p)
-                    stack.append(p)
-            else:
-                out.add(p)
-    return out
-
-
-def _is_reshape(m: nn.Module) -> bool:
-    return isinstance(m, _RESHAPE) or (isinstance(m, _DropoutNd) and m.p == 0)
-
-
-def _is_elementwise(m: nn.Module) -> bool:
-    return _is_reshape(m) or isinstance(m, _ACTIVATION)
-
-
-def _is_dropout(m: nn.Module | None) -> bool:
-    return isinstance(m, _DropoutNd) and m.p > 0
-
-
 # ---------------------------------------------------------------------------- checks
 
 
@@ -287,22 +192,25 @@ def _has_initial_stats(bn: _BatchNorm) -> bool:
         and bool((bn.running_mean == 0).all()) and bool((bn.running_var == 1).all())
 
 
-def _names(modules: Iterable[nn.Module | None], names: dict[nn.Module, str]) -> str:
-    found = sorted(names.get(m, type(m).__name__) or "(model)" for m in modules)
-    return ", ".join(f"'{n}'" for n in found)
+def _names(modules: Iterable[object], names: dict[nn.Module, str]) -> str:
+    found = sorted(f"'{names.get(m, type(m).__name__) or '(model)'}'"
+                   if not isinstance(m, _Op) else m.label for m in modules)
+    return ", ".join(found)
 
 
 def _wiring_findings(bn: _BatchNorm, graph: Graph,
                      names: dict[nn.Module, str]) -> dict[str, str]:
     found: dict[str, str] = {}
+    users = _users(graph)
     biased = [p for p in _sources(bn, graph, _is_reshape)
-              if isinstance(p, _WEIGHTED) and p.bias is not None]
+              if isinstance(p, _WEIGHTED) and p.bias is not None
+              and _only_feeds_bn(p, users)]
     if biased:
         found["bias-before-bn"] = (
             f"{_names(biased, names)} has a bias and feeds this BN directly: BN "
             "subtracts the mean, so the bias cancels and its gradient is zero; create "
             "the layer with bias=False (BN's beta is the bias).")
-    dropouts: set[nn.Module | None] = set()
+    dropouts: set[object] = set()
     for p in _sources(bn, graph, _is_elementwise):
         if _is_dropout(p):
             dropouts.add(p)
@@ -345,20 +253,36 @@ def _attribute_findings(bn: _BatchNorm) -> dict[str, str]:
     return found
 
 
+def _is_sync(bn: nn.Module) -> bool:
+    """A batch norm that synchronizes statistics across processes in training (torch's
+    SyncBatchNorm, bnlib's: both have a ``process_group``)."""
+    return isinstance(bn, nn.SyncBatchNorm) or (
+        isinstance(bn, _BN) and hasattr(bn, "process_group")
+        and hasattr(bn, "convert_sync_batchnorm"))
+
+
+def _world(bn: nn.Module) -> int:
+    """How many processes a SyncBatchNorm's statistics span (1 outside a group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    group = bn.process_group or dist.group.WORLD
+    return max(dist.get_world_size(group), 1)
+
+
 class _BatchStats:
     """What a BN saw in the traced forward: its smallest batch, its worst shift."""
 
     def __init__(self) -> None:
         self.min_batch: int | None = None
-        # (median_c |mean(x_hat_c)|, median_c var(x_hat_c)) of the worst call seen
-        self.shift: tuple[float, float] | None = None
+        self.sync_world = 1  # > 1: min_batch counts the batch over that many processes
+        # (median_c |mean shift|, pooled variance ratio, their limits) of the worst call
+        self.shift: tuple[float, float, float, tuple[float, float]] | None = None
 
     @staticmethod
-    def _badness(shift: tuple[float, float]) -> float:
-        """How far past its threshold the worse of the two is (> 1: stale)."""
-        m, v = shift
-        lo, hi = VAR_RATIO
-        return max(m / MAX_MEAN_SHIFT, v / hi, lo / v if v > 0 else math.inf)
+    def _badness(shift) -> float:
+        """How far past its limit the worse of the two is (> 1: stale)."""
+        m, v, m_max, (lo, hi) = shift
+        return max(m / m_max, v / hi, lo / v if v > 0 else math.inf)
 
     def record(self, bn: _BatchNorm, x: Tensor) -> None:
         if x.dim() < 2:
@@ -368,59 +292,102 @@ class _BatchStats:
             vbs = getattr(bn, "virtual_batch_size", None)  # bnlib's Ghost BN
             if isinstance(vbs, int):
                 n = min(n, vbs)
+            if bn.training and _is_sync(bn):  # the statistics of every process's batch
+                self.sync_world = _world(bn)
+                n *= self.sync_world
             self.min_batch = n if self.min_batch is None else min(self.min_batch, n)
-        elif x.numel() > x.shape[1]:  # eval mode, at least 2 values per channel
-            dims = [0] + list(range(2, x.dim()))  # (N, C, ...) -> (C,)
-            var_B, mu_B = torch.var_mean(x.float(), dims, correction=0)
-            running_var = bn.running_var.float() + bn.eps
-            m_c = (mu_B - bn.running_mean.float()).abs() / running_var.sqrt()  # (C,)
-            v_c = var_B / running_var  # (C,)
-            shift = (m_c.median().item(), v_c.median().item())
-            if self.shift is None or self._badness(shift) > self._badness(self.shift):
-                self.shift = shift
+        elif x.numel() > 0:  # eval mode
+            self._record_shift(bn, x)
+
+    def _record_shift(self, bn: _BatchNorm, x: Tensor) -> None:
+        """Compare like with like, against the spread sampling alone gives.
+
+        Mean: d_c = |mean_B - running_mean| / sqrt(running_var + eps); sampling alone
+        gives about 1 / sqrt(N) (N examples), so the limit is 1 + 1.5 / sqrt(N).
+        Variance: r_c = (s2_B + eps) / (running_var + eps), with s2_B the unbiased
+        batch variance: eps on both sides (a running variance far below eps, as in
+        MobileNet's layers, is then no alarm), and E[r_c] = 1 for correct statistics.
+        Its mean over the C channels has a sampling spread of about sqrt(2 / (k C)),
+        k = N - 1; the limits [1/4, 4] widen by 4 of those. With one example per
+        batch the variance (of spatial positions only) is not compared."""
+        n = x.shape[0]
+        m = x.numel() // x.shape[1]  # values per channel
+        dims = [0] + list(range(2, x.dim()))  # (N, C, ...) -> (C,)
+        var_B, mu_B = torch.var_mean(x.float(), dims, correction=1 if m > 1 else 0)
+        denom = bn.running_var.float() + bn.eps  # (C,)
+        d_c = (mu_B - bn.running_mean.float()).abs() / denom.sqrt()  # (C,)
+        m_max = MAX_MEAN_SHIFT + 1.5 / math.sqrt(n)
+        lo, hi = VAR_RATIO
+        if n > 1 and m > 1:
+            r = ((var_B + bn.eps) / denom).mean().item()  # pooled over channels
+            spread = 4 * math.sqrt(2 / ((n - 1) * x.shape[1]))
+            lo, hi = max(min(lo, 1 - spread), 0.0), max(hi, 1 + spread)
+        else:
+            r = 1.0  # nothing to compare
+        shift = (d_c.median().item(), r, m_max, (lo, hi))
+        if self.shift is None or self._badness(shift) > self._badness(self.shift):
+            self.shift = shift
 
     def findings(self) -> dict[str, str]:
         found: dict[str, str] = {}
-        lo, hi = VAR_RATIO
         if self.shift is not None and self._badness(self.shift) > 1:
-            m, v = self.shift
+            m, v, m_max, (lo, hi) = self.shift
             found["stale-running-stats"] = (
-                "this batch, normalized with the running statistics, has a median "
-                f"|mean| of {m:.3g} (expected <= {MAX_MEAN_SHIFT:g}) and variance "
-                f"{v:.3g} (expected in [{lo:g}, {hi:g}]): "
+                "this batch, compared with the running statistics, has a median "
+                f"|mean shift| of {m:.3g} running standard deviations (expected <= "
+                f"{m_max:.3g} at this batch size) and a variance ratio (batch + eps) / "
+                f"(running + eps) of {v:.3g} (expected in [{lo:.3g}, {hi:.3g}]): "
                 "the data has shifted since they were computed; recompute them on data "
                 "like this (AdaBN: bnlib.train.recompute_bn_statistics).")
         if self.min_batch is not None and self.min_batch < MIN_BATCH:
-            found["small-batch"] = (
-                f"it normalizes with the statistics of {self.min_batch} example(s) "
-                f"(fewer than {MIN_BATCH}), which are noisy and differ from the "
-                "running ones; use GroupNorm, Batch Renorm (bnlib.renorm) or "
-                "SyncBatchNorm across devices, or a larger batch (split into ghost "
-                "batches with bnlib.ghost where small-batch noise helped).")
+            if self.sync_world > 1:
+                found["small-batch"] = (
+                    f"it normalizes with the statistics of {self.min_batch} example(s) "
+                    f"over its {self.sync_world} processes (fewer than {MIN_BATCH}), "
+                    "which are noisy and differ from the running ones; use GroupNorm "
+                    "or Batch Renorm (bnlib.nn.BatchRenorm1d/2d), more processes, or "
+                    "a larger batch on each.")
+            else:
+                found["small-batch"] = (
+                    f"it normalizes with the statistics of {self.min_batch} example(s) "
+                    f"(fewer than {MIN_BATCH}), which are noisy and differ from the "
+                    "running ones; use GroupNorm, Batch Renorm "
+                    "(bnlib.nn.BatchRenorm1d/2d) or SyncBatchNorm across devices, or "
+                    "a larger batch (split into ghost batches with "
+                    "bnlib.nn.GhostBatchNorm1d/2d where small-batch noise helped).")
         return found
 
 
 # -------------------------------------------------------------------------- diagnose
 
 
-@torch.no_grad()
-def _traced_forward(model: nn.Module, x: Tensor,
-                    stats: dict[nn.Module, _BatchStats]) -> Graph:
-    """Run ``model(x)`` under hooks and return its wiring; the model is left exactly as
-    it was (parameters, buffers, train/eval modes, the random number generators)."""
+def _local_forward(bn: _BatchNorm) -> Callable[[Tensor], Tensor]:
+    """A SyncBatchNorm's forward with this process's statistics only: the probe must
+    never issue a collective (called on one rank, it would block until the process
+    group's timeout). Running statistics are not moved (momentum 0)."""
+    def forward(x: Tensor) -> Tensor:
+        bn_training = bn.training or bn.running_mean is None
+        use = not bn.training or bn.track_running_stats
+        return nn.functional.batch_norm(
+            x, bn.running_mean if use else None, bn.running_var if use else None,
+            bn.weight, bn.bias, bn_training, 0.0, bn.eps)
+    return forward
+
+
+@contextlib.contextmanager
+def _preserved(model: nn.Module):
+    """Run the block and put the model back exactly as it was: buffers (values and
+    bindings), train/eval modes, the random number generators. Parameters are not
+    copied (memory): no forward without gradients changes them."""
     modes = [(m, m.training) for m in model.modules()]
-    saved = [(table, name, t, t.detach().clone())  # table: a module's _buffers, ...
+    saved = [(owner._buffers, name, t, t.detach().clone())
              for owner in dict.fromkeys(model.modules())
-             for table in (owner._parameters, owner._buffers)
-             for name, t in table.items() if t is not None]
-    tracer = _Tracer(model, lambda bn, t: stats[bn].record(bn, t))
-    devices = [x.device] if x.device.type == "cuda" else []
+             for name, t in owner._buffers.items() if t is not None]
+    devices = [t.device for *_, t, _c in saved if t.device.type == "cuda"][:1]
     try:
         with torch.random.fork_rng(devices=devices):
-            model(x)
-        return tracer.graph
+            yield
     finally:
-        tracer.remove()
         for table, name, t, copy in saved:
             table[name] = t  # the forward may have rebound the attribute
             # copy back only what changed (torch's kernels update running statistics
@@ -430,6 +397,30 @@ def _traced_forward(model: nn.Module, x: Tensor,
                 t.copy_(copy)
         for m, training in modes:
             m.training = training
+
+
+@torch.no_grad()
+def _traced_forward(model: nn.Module, x: Tensor,
+                    stats: dict[nn.Module, _BatchStats]) -> Graph:
+    """Run the model on a copy of ``x`` under hooks and a function mode, and return its
+    wiring; the model is left exactly as it was (see _preserved), and so is x. No
+    collective is issued: SyncBatchNorms use local statistics, and a
+    DistributedDataParallel wrapper's own forward (which broadcasts buffers) is
+    skipped for its module's."""
+    syncs = [m for m in dict.fromkeys(model.modules()) if _is_sync(m)]
+    tracer = _Tracer(model, lambda bn, t: stats[bn].record(bn, t))
+    run = model.module if isinstance(model, nn.parallel.DistributedDataParallel) \
+        else model
+    try:
+        for m in syncs:
+            m.forward = _local_forward(m)  # an instance attribute, deleted below
+        with _preserved(model), tracer:
+            run(x.clone())  # an in-place first layer must not change the caller's x
+        return tracer.graph
+    finally:
+        tracer.remove()
+        for m in syncs:
+            m.__dict__.pop("forward", None)
 
 
 def diagnose(model: nn.Module, x: Tensor | None = None) -> Findings:
@@ -442,9 +433,11 @@ def diagnose(model: nn.Module, x: Tensor | None = None) -> Findings:
     - x: optional, a batch the model accepts (``model(x)``), on the model's device.
       With it one forward pass runs, without gradients and in the model's current
       mode, to see the wiring through the actual tensors and the statistics at each
-      BN input (which enables ``stale-running-stats`` and ``small-batch``). An error
-      from the forward propagates, after the model is restored. During the forward a
-      copy of the parameters and buffers is held, to restore them.
+      BN input (which enables ``stale-running-stats`` and ``small-batch``). The
+      forward runs on a copy of x (x itself is never changed) and issues no
+      collective. An error from the forward propagates, after the model is restored.
+      During the forward a copy of the buffers (not of the parameters) is held, to
+      restore them.
 
     Returns a :class:`Findings` list of :class:`Finding` (``code``, ``module``,
     ``message``), in ``model.named_modules()`` order and, on one module, in the order
@@ -459,10 +452,15 @@ def diagnose(model: nn.Module, x: Tensor | None = None) -> Findings:
     if not bns:
         return Findings()
     graph = _static_graph(model)
+    lazy = any(_uninitialized(t)
+               for t in itertools.chain(model.parameters(), model.buffers()))
+    if x is None and not lazy:  # FX sees custom forwards and functional calls
+        with _preserved(model):  # FX runs forward's Python code (on proxies)
+            traced = _fx_graph(model)
+        if traced is not None:
+            graph = {**graph, **traced}
     stats = {bn: _BatchStats() for bn in bns}
     if x is not None:
-        lazy = any(_uninitialized(t)
-                   for t in itertools.chain(model.parameters(), model.buffers()))
         if lazy:
             raise ValueError(
                 "the model has uninitialized lazy modules, which a forward would "

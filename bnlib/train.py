@@ -125,7 +125,11 @@ def recompute_bn_statistics(
 
     Every batch-norm layer's running statistics are reset and then accumulated with
     ``momentum=None`` (a cumulative average) over the batches in ``inputs``, in training
-    mode but with dropout off (as at test time), without gradients or weight updates.
+    mode but with dropout off (as at test time: every dropout module, ``Dropout``,
+    ``Dropout1d/2d/3d``, ``AlphaDropout`` and ``FeatureAlphaDropout``; a functional
+    ``F.dropout(h, p, self.training)`` in a custom forward stays on, as its module must
+    be in training mode for the batch norms inside it), without gradients or weight
+    updates.
     The copy is returned in eval mode with each layer's momentum restored; ``model``
     itself is untouched.
     """
@@ -137,8 +141,8 @@ def recompute_bn_statistics(
         m.momentum = None  # cumulative average: every batch gets the same weight
     pop.train()  # batch norms normalize with, and record, batch statistics
     for m in pop.modules():
-        if isinstance(m, nn.Dropout):
-            m.eval()  # dropout off, as at test time
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()  # every kind of dropout off, as at test time
     for x in inputs:
         pop(x)
     for m, momentum in zip(bns, momenta, strict=True):

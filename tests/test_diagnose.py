@@ -70,7 +70,8 @@ def test_bias_before_bn_sees_through_flatten_and_nested_sequentials():
 
 def test_bias_before_bn_traced_in_a_custom_forward():
     x = torch.randn(16, 4)
-    assert diagnose(Custom(bias=True)) == []  # static: no Sequential to read
+    # without x, FX traces the custom forward (no Sequential to read)
+    assert _codes(diagnose(Custom(bias=True))) == [("norm", "bias-before-bn")]
     assert _codes(diagnose(Custom(bias=True), x)) == [("norm", "bias-before-bn")]
     assert diagnose(Custom(bias=False), x) == []
 
@@ -128,7 +129,7 @@ def test_traced_wiring_overrides_a_sequential_used_as_a_list():
                 x = torch.tanh(layer(x))
             return x
 
-    assert _codes(diagnose(Looped())) == [("layers.1", "bias-before-bn")]
+    assert diagnose(Looped()) == []  # FX sees the tanh, Sequential order did not
     assert diagnose(Looped(), torch.randn(16, 4)) == []
 
 
@@ -209,7 +210,8 @@ def test_dropout_before_bn_clean_models():
 
 def test_dropout_before_bn_traced_in_a_custom_forward():
     x = torch.randn(16, 4)
-    assert diagnose(Custom(dropout=0.3)) == []  # static: no Sequential to read
+    # without x, FX traces the custom forward (no Sequential to read)
+    assert _codes(diagnose(Custom(dropout=0.3))) == [("norm", "dropout-before-bn")]
     assert _codes(diagnose(Custom(dropout=0.3), x)) == [("norm", "dropout-before-bn")]
     assert diagnose(Custom(dropout=0.0), x) == []
 
@@ -440,3 +442,180 @@ def test_the_html_is_escaped():
 def test_exported_from_bnlib():
     assert bnlib.diagnose is diagnose and bnlib.Finding is Finding
     assert {"diagnose", "Finding"} <= set(bnlib.__all__)
+
+
+# ------------------------------------------------ issue 15: false alarms, blind spots
+
+
+def _population(model: nn.Module, make_x, batches: int = 50) -> nn.Module:
+    """model with the population statistics of make_x's distribution, in eval mode."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average: the population's statistics
+    return _trained(model, torch.cat([make_x() for _ in range(batches)]), steps=1)
+
+
+def test_stale_no_alarm_where_the_running_variance_is_far_below_eps():
+    """MobileNet's layers: eps = 1e-3, running variances ~1.6e-4. Normalized with them
+    a correct batch has variance ~0.14, which the old rule called stale (and
+    recomputing the statistics could not clear). eps counts on both sides now."""
+    model = nn.Sequential(nn.BatchNorm2d(16, eps=1e-3))
+    model = _population(model, lambda: torch.randn(32, 16, 4, 4) * 0.0126)
+    assert model[0].running_var.median() < 2e-4
+    for seed in range(5):
+        torch.manual_seed(seed)
+        x = torch.randn(32, 16, 4, 4) * 0.0126
+        assert diagnose(model, x) == [], seed
+        assert _codes(diagnose(model, x + 0.05)) == [("0", "stale-running-stats")]
+        assert _codes(diagnose(model, x * 5)) == [("0", "stale-running-stats")]
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (2, 32), (1, 16, 6, 6), (2, 16, 6, 6)])
+def test_stale_no_alarm_on_eval_batches_of_one_or_two_examples(shape):
+    """A clean model on a tiny batch from its training distribution gets no finding
+    (the variance of two values is itself noise; a single image's spatial variance
+    is not the population's); a real shift is still found."""
+    c = shape[1]
+    scale = torch.rand(c) + 0.5  # per channel, and per example below (images)
+
+    def sample(n):
+        x = torch.randn(n, *shape[1:]) * scale.view(-1, *[1] * (len(shape) - 2))
+        if len(shape) == 4:  # example-level variation, as between real images
+            x = x + torch.randn(n, c, 1, 1)
+        return x
+
+    model = _population(nn.Sequential(
+        nn.BatchNorm1d(c) if len(shape) == 2 else nn.BatchNorm2d(c)),
+        lambda: sample(64))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        assert diagnose(model, sample(shape[0])) == [], seed
+    assert _codes(diagnose(model, sample(shape[0]) + 10)) == [
+        ("0", "stale-running-stats")]
+
+
+def _body_sync_diagnose(rank, world_size, n):
+    """diagnose on rank 0 only, with a SyncBatchNorm in training: it must not wait
+    for rank 1 (which never calls anything) and must count the global batch."""
+    import time
+
+    from bnlib.diagnose import diagnose as diag
+    from bnlib.nn import SyncBatchNorm
+    if rank != 0:
+        return None
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), SyncBatchNorm(6)).train()
+    start = time.monotonic()
+    found = diag(model, torch.randn(n, 4))
+    return dict(found=[(f.module, f.code, f.message) for f in found],
+                seconds=time.monotonic() - start)
+
+
+def test_sync_batchnorm_counts_the_global_batch_and_issues_no_collective():
+    from bnlib.spawn import launch
+
+    four, _ = launch(_body_sync_diagnose, 2, 4, timeout_s=90, collective_timeout_s=40)
+    assert four["found"] == [], four  # 2 ranks x 4 = a global batch of 8
+    assert four["seconds"] < 20  # no collective waited on rank 1
+    two, _ = launch(_body_sync_diagnose, 2, 2, timeout_s=90, collective_timeout_s=40)
+    [(module, code, message)] = two["found"]
+    assert (module, code) == ("1", "small-batch")
+    assert "4 example(s) over its 2 processes" in message
+    assert "SyncBatchNorm" not in message  # it already is one
+
+
+@pytest.mark.parametrize("dropout", [nn.AlphaDropout, nn.FeatureAlphaDropout])
+def test_alpha_dropout_is_not_the_variance_shift_bug(dropout):
+    """AlphaDropout keeps mean and variance by design (SELU networks)."""
+    model = nn.Sequential(dropout(0.2), nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6))
+    assert diagnose(model) == []
+    assert diagnose(model, torch.randn(16, 4)) == []
+    model[0] = nn.Dropout(0.2)
+    assert _codes(diagnose(model)) == [("2", "dropout-before-bn")]
+
+
+class DenseLike(nn.Module):
+    """torchvision's densenet: F.dropout in forward, then torch.cat into the next BN."""
+
+    def __init__(self, drop_rate: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(7)
+        self.drop_rate = drop_rate
+
+    def forward(self, x):
+        h = nn.functional.dropout(self.conv(x), p=self.drop_rate,
+                                  training=self.training)
+        return self.norm(torch.cat([x, h], 1))
+
+
+def test_functional_dropout_is_seen_with_and_without_x():
+    x = torch.randn(8, 3, 5, 5)
+    for found in (diagnose(DenseLike(0.2), x), diagnose(DenseLike(0.2))):
+        assert _codes(found) == [("norm", "dropout-before-bn")]
+        assert "functional dropout(p=0.2) in '(model)'" in found[0].message \
+            or "functional dropout(p=0.2)" in found[0].message
+    assert diagnose(DenseLike(0.0), x) == []
+    assert diagnose(DenseLike(0.0)) == []
+
+
+class Residual(nn.Module):
+    """resnet-like wiring with no Sequential to read: conv (bias) -> bn, plus a skip."""
+
+    def __init__(self, bias: bool, reuse: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=bias)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.3)
+        self.reuse = reuse
+
+    def forward(self, x):
+        h = self.conv(self.drop(x))
+        out = self.bn(h)
+        return out + h if self.reuse else out + x  # bn(h) + h: the bias is used
+
+
+def test_wiring_without_x_is_traced_with_fx():
+    """resnet18/densenet's conv bias before BN and a Dropout before a conv, in custom
+    forwards: found without x too (FX), where Sequential order saw nothing."""
+    assert _codes(diagnose(Residual(bias=True, reuse=False))) == [
+        ("bn", "bias-before-bn"), ("bn", "dropout-before-bn")]
+    assert _codes(diagnose(Residual(bias=False, reuse=False))) == [
+        ("bn", "dropout-before-bn")]
+
+
+def test_a_bias_also_used_on_another_path_is_not_reported():
+    """bn(h) + h: h's bias does not cancel, its gradient is not zero."""
+    x = torch.randn(8, 4, 5, 5)
+    for found in (diagnose(Residual(bias=True, reuse=True)),
+                  diagnose(Residual(bias=True, reuse=True), x)):
+        assert _codes(found) == [("bn", "dropout-before-bn")]
+
+
+def test_x_is_not_modified_by_an_inplace_first_layer():
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 6, bias=False),
+                          nn.BatchNorm1d(6))
+    x = torch.randn(16, 4)
+    before = x.clone()
+    diagnose(model, x)
+    assert torch.equal(x, before), "diagnose changed the caller's x"
+
+
+def test_parameters_are_not_copied():
+    """Only buffers and modes can change in a forward without gradients: the probe
+    copies those, not the parameters (memory on large models)."""
+    from torch.overrides import TorchFunctionMode
+
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6))
+    params = {p.data_ptr() for p in model.parameters()}
+    cloned = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "clone" and args:
+                cloned.append(args[0].data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        diagnose(model, torch.randn(16, 4))
+    assert cloned, "the spy saw no clone at all"
+    assert not params & set(cloned), "a parameter was cloned"

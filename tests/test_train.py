@@ -100,3 +100,22 @@ def test_recompute_bn_statistics_is_the_population_average(digits, norm):
     torch.testing.assert_close(bn.running_var, variances)
     assert not pop.training and bn.momentum == 0.1
     assert bn.num_batches_tracked.item() == len(chunks)
+
+
+@pytest.mark.parametrize("dropout", [torch.nn.Dropout1d, torch.nn.AlphaDropout,
+                                     torch.nn.FeatureAlphaDropout, torch.nn.Dropout])
+def test_recompute_bn_statistics_turns_every_kind_of_dropout_off(dropout):
+    """Every dropout module is off while the statistics are recomputed (only
+    nn.Dropout was): two recomputations agree, and equal those of the model without
+    its dropout."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(dropout(0.5), torch.nn.Conv1d(3, 4, 1, bias=False),
+                                torch.nn.BatchNorm1d(4))
+    chunks = [torch.randn(16, 3, 5) for _ in range(3)]
+    first = recompute_bn_statistics(model, chunks)[2]
+    second = recompute_bn_statistics(model, chunks)[2]
+    without = recompute_bn_statistics(model[1:], chunks)[1]
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(first, name), getattr(second, name),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(getattr(first, name), getattr(without, name))
