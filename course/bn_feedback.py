@@ -535,3 +535,104 @@ def check_ghost(y, x, gamma, beta, ghost, eps=1e-5):
               f"x[i * {ghost}:(i + 1) * {ghost}], as x.reshape(-1, ghost, D) does.")
     _fail(f"y differs from ghost batch norm (ghost batches of {ghost}) by up to "
           f"{float(np.abs(y - ref).max()):.3g}.")
+
+
+# ------------------------------------------------------------------ A3: shards, folding
+
+
+def check_merge(out, a, b):
+    """Chan's merge of shards a and b (arrays (n_k, D)): (n, mean, M2) against the union."""
+    if not (isinstance(out, tuple | list) and len(out) == 3):
+        _fail("chan_merge should return (n, mean, m2).")
+    n_a, n_b = len(a), len(b)
+    D = a.shape[1]
+    n, mean, m2 = out
+    if n != n_a + n_b:
+        _fail(f"n = {n}, expected n_a + n_b = {n_a + n_b}.")
+    mean = _arr(np.asarray(mean, np.float64), "mean", (D,))
+    m2 = _arr(np.asarray(m2, np.float64), "m2", (D,))
+    u = np.concatenate([a, b]).astype(np.float64)
+    e_mean, e_m2 = u.mean(0), ((u - u.mean(0)) ** 2).sum(0)
+    if not _close(mean, e_mean, 1e-9, 1e-12):
+        if _close(mean, (a.mean(0) + b.mean(0)) / 2, 1e-9, 1e-12):
+            _fail(
+                f"mean is the plain average of the two shard means, which weighs a shard "
+                f"of {n_a} like a shard of {n_b}: weight each by its count, mean_a + "
+                "delta * n_b / n (delta = mean_b - mean_a)."
+            )
+        _fail(f"mean is off by up to {float(np.abs(mean - e_mean).max()):.3g} from the "
+              f"mean of the {n_a + n_b} values.")
+    if _close(m2, e_m2, 1e-9, 1e-9):
+        return
+    m2_a = ((a - a.mean(0)) ** 2).sum(0)
+    m2_b = ((b - b.mean(0)) ** 2).sum(0)
+    between = (b.mean(0) - a.mean(0)) ** 2 * n_a * n_b / (n_a + n_b)
+    if _close(m2, m2_a + m2_b, 1e-9, 1e-9):
+        _fail(
+            "m2 = m2_a + m2_b misses the spread BETWEEN the shards: when their means "
+            "differ, the union's squared deviations from the common mean are larger. "
+            f"Add delta**2 * n_a * n_b / n (here up to {float(between.max()):.3g})."
+        )
+    _fail(f"m2 is {float(np.median(m2 / e_m2)):.4g} of the union's sum of squared "
+          "deviations: m2 = m2_a + m2_b + delta**2 * n_a * n_b / n.")
+
+
+def check_sync(out, shards):
+    """The union's (mean, biased var) from shards of unequal sizes."""
+    if not (isinstance(out, tuple | list) and len(out) == 2):
+        _fail("sync_batch_stats should return (mean, var).")
+    u = np.concatenate(shards).astype(np.float64)
+    D = u.shape[1]
+    mean = _arr(np.asarray(out[0], np.float64), "mean", (D,))
+    var = _arr(np.asarray(out[1], np.float64), "var", (D,))
+    sizes = [len(s) for s in shards]
+    if not _close(mean, u.mean(0), 1e-9, 1e-12):
+        if _close(mean, np.mean([s.mean(0) for s in shards], 0), 1e-9, 1e-12):
+            _fail(f"mean averages the shard means equally, but the shards have "
+                  f"{sizes} examples: each shard counts in proportion to its size.")
+        _fail("mean differs from the mean of all the examples together.")
+    if _close(var, u.var(0), 1e-9, 1e-12):
+        return
+    if _close(var, np.mean([s.var(0) for s in shards], 0), 1e-9, 1e-12):
+        _fail(
+            "var averages the shard variances: that misses the spread between the shard "
+            f"means (and weighs shards of sizes {sizes} equally). Merge (n, mean, M2) "
+            "with Chan's formula, then var = M2 / n."
+        )
+    if _close(var, u.var(0, ddof=1), 1e-9, 1e-12):
+        _fail(f"var is the unbiased variance (M2 / (n - 1)); the normalization uses the "
+              f"biased one, M2 / n, n = {len(u)}.")
+    _fail(f"var is {float(np.median(var / u.var(0))):.4g} of the variance of all the "
+          "examples together.")
+
+
+def check_fold(out, W, b, gamma, beta, rm, rv, eps=1e-5):
+    """Folding an eval-mode BN into the linear layer before it: y = x W^T + b, then BN."""
+    if not (isinstance(out, tuple | list) and len(out) == 2):
+        _fail("fold_bn_linear should return (W_folded, b_folded).")
+    Wf = _arr(np.asarray(out[0], np.float64), "W_folded", W.shape)
+    bf = _arr(np.asarray(out[1], np.float64), "b_folded", b.shape)
+    s = gamma / np.sqrt(rv + eps)  # (out,)
+    eW, eb = s[:, None] * W, s * (b - rm) + beta
+    if _close(Wf, eW, 1e-9, 1e-12) and _close(bf, eb, 1e-9, 1e-12):
+        return
+    if not _close(Wf, eW, 1e-9, 1e-12):
+        if W.shape[0] == W.shape[1] and _close(Wf, W * s[None, :], 1e-9, 1e-12):
+            _fail("W_folded scales the columns of W (W * s); batch norm scales each "
+                  "OUTPUT feature, a row of W (out, in): s[:, None] * W.")
+        if _close(Wf, (gamma / (rv + eps))[:, None] * W, 1e-9, 1e-12):
+            _fail("W_folded divides by running_var + eps: divide by its square root, "
+                  "s = gamma / sqrt(running_var + eps).")
+        if _close(Wf, (gamma / np.sqrt(rv))[:, None] * W, 1e-7, 1e-9):
+            _fail("W_folded leaves out eps: s = gamma / sqrt(running_var + eps), the "
+                  "scale eval-mode batch norm applies.")
+        _fail(f"W_folded is off by up to {float(np.abs(Wf - eW).max()):.3g}: "
+              "W_folded = s[:, None] * W with s = gamma / sqrt(running_var + eps).")
+    if _close(bf, s * b + beta, 1e-9, 1e-12):
+        _fail("b_folded forgets the running mean: BN subtracts it before scaling, "
+              "b_folded = s * (b - running_mean) + beta.")
+    if _close(bf, b * s + beta - rm, 1e-9, 1e-12) or _close(bf, b - rm + beta, 1e-9, 1e-12):
+        _fail("b_folded: the running mean is subtracted before the scale s applies: "
+              "s * (b - running_mean) + beta.")
+    _fail(f"b_folded is off by up to {float(np.abs(bf - eb).max()):.3g}: b_folded = "
+          "s * (b - running_mean) + beta.")
