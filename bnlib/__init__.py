@@ -15,8 +15,16 @@ Modules (import the one you need; each is small and self-contained):
 - ``python -m bnlib.bench``: the speed benchmark against torch's native kernels.
 """
 
-from .diagnose import Finding, diagnose
-from .numpy_bn import (
+# First, before NumPy or torch load: with BNLIB_ARITHMETIC=pinned (every chapter's
+# first cell sets it), put them on the book's arithmetic path (see bnlib.repro).
+# Without the variable, importing bnlib changes nothing.
+from . import repro as _repro
+
+if _repro.arithmetic_mode() == "pinned":
+    _repro.pin_arithmetic()
+
+from .diagnose import Finding, diagnose  # noqa: E402
+from .numpy_bn import (  # noqa: E402
     BatchNorm,
     batchnorm_backward,
     batchnorm_backward_steps,

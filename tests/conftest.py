@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
+import os
+
+# The book's arithmetic path (bnlib/repro.py) before NumPy and torch load, as in every
+# chapter, so that the golden values are the chapters' own. BNLIB_ARITHMETIC=native
+# in the environment runs the suite on this CPU's own path instead.
+os.environ.setdefault("BNLIB_ARITHMETIC", "pinned")
+import bnlib  # noqa: E402,F401,I001  (pins, with the variable above)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -94,6 +94,7 @@ def _run_cell(source: str, capsys) -> str:
 
 
 def test_the_cell_is_silent_and_installs_nothing_here(monkeypatch, capsys):
+    monkeypatch.setenv("BNLIB_ARITHMETIC", "pinned")  # the cell's setdefault keeps it
     monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
 
@@ -108,6 +109,7 @@ def test_the_cell_on_a_simulated_colab(monkeypatch, capsys):
     """The whole cell, as stored, on a 'Colab' where bnlib and mlxtend are missing."""
     calls = []
     real_find_spec = importlib.util.find_spec
+    monkeypatch.setenv("BNLIB_ARITHMETIC", "pinned")
     monkeypatch.setenv("COLAB_RELEASE_TAG", "simulated")
     monkeypatch.setattr(subprocess, "check_call", calls.append)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None

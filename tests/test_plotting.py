@@ -1,8 +1,6 @@
-"""bnlib.plotting helpers return their axes; bnlib.repro makes runs repeatable."""
+"""bnlib.plotting: the helpers draw on the axes they are given and return them."""
 
 from __future__ import annotations
-
-import os
 
 import matplotlib
 
@@ -13,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from bnlib import plotting, repro  # noqa: E402
+from bnlib import plotting  # noqa: E402
 
 
 def test_helpers_draw_on_the_given_axes():
@@ -76,24 +74,3 @@ def test_reduction_cube_rejects_what_it_cannot_draw():
     with pytest.raises(ValueError, match="groups must divide the 6 channels, got 4"):
         plotting.draw_reduction_cube(ax, "group", groups=4)
     plt.close(fig)
-
-
-def test_setup_makes_runs_repeatable():
-    rng = repro.setup(seed=5)
-    a = (rng.standard_normal(3), torch.randn(3))
-    rng = repro.setup(seed=5)
-    b = (rng.standard_normal(3), torch.randn(3))
-    np.testing.assert_array_equal(a[0], b[0])
-    assert torch.equal(a[1], b[1])
-    assert torch.get_num_threads() == 1
-    torch.use_deterministic_algorithms(False)
-
-
-def test_setup_pins_the_math_libraries_code_paths(monkeypatch):
-    """setup() asks MKL and oneDNN for their AVX2 code paths (the same rounding on
-    every x86 CPU with AVX2 or better), unless the user chose otherwise."""
-    monkeypatch.delenv("MKL_CBWR", raising=False)
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
-    repro.setup(threads=torch.get_num_threads())
-    assert os.environ["MKL_CBWR"] == "AVX2"
-    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "SSE41"
