@@ -93,10 +93,18 @@ def test_layout(kit):
         assert (out / "wrong" / f"{spec.stem}.ipynb").exists()
 
 
-@pytest.mark.parametrize("name", MASTERS)
-def test_solutions_score_full_marks(kit, name):
+@pytest.fixture(scope="module")
+def solution_reports(kit):
     out, _ = kit
-    report = course.grade_in_process(out / "solutions" / f"{name}.ipynb", out)
+    return {
+        n: course.grade_in_process(out / "solutions" / f"{n}.ipynb", out)
+        for n in MASTERS
+    }
+
+
+@pytest.mark.parametrize("name", MASTERS)
+def test_solutions_score_full_marks(solution_reports, name):
+    report = solution_reports[name]
     assert report.possible > 0, f"{name}: no autograded test"
     assert report.score == report.possible, report.text()
     assert (
@@ -146,7 +154,8 @@ def test_student_notebook_has_no_solution_or_hidden_test(kit, name):
     master = json.loads((course.COURSE / f"{name}.ipynb").read_text())
     sources = ["".join(c["source"]) for c in master["cells"]]
     given = "\n".join(
-        src if "# BEGIN SOLUTION NO PROMPT" not in src
+        src
+        if "# BEGIN SOLUTION NO PROMPT" not in src
         else src.split("# BEGIN SOLUTION NO PROMPT")[0]
         for src in sources
     )
@@ -157,6 +166,19 @@ def test_student_notebook_has_no_solution_or_hidden_test(kit, name):
                 line = line.strip()
                 if len(line) > 25 and line not in given:
                     assert line not in code, f"{name}: solution line {line!r}"
+
+
+def test_instructors_page_counts_match_the_kit(solution_reports):
+    """book/instructors.md's table: public + hidden tests and points, per assignment."""
+    page = (ROOT / "book" / "instructors.md").read_text()
+    for name, report in solution_reports.items():
+        public = sum(not t.hidden for t in report.tests)
+        hidden = sum(t.hidden for t in report.tests)
+        row = next(line for line in page.splitlines() if f"course/{name}.ipynb" in line)
+        assert f"{public} + {hidden} ({report.possible:g} points)" in row, (
+            f"{name}: the Instructors page says {row.split('|')[-2].strip()!r}; the "
+            f"kit has {public} public + {hidden} hidden tests, {report.possible:g} pt"
+        )
 
 
 def test_every_required_mistake_has_a_wrong_submission():
