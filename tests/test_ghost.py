@@ -315,3 +315,33 @@ def test_bad_virtual_batch_size_rejected_at_construction_and_at_call(vbs):
         with pytest.raises(ValueError, match="virtual_batch_size"):
             m(torch.randn(4, 3))
         _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_update_per_ghost_batch_is_the_reference_codes(momentum):
+    """update_per_ghost_batch=True moves the running statistics once per ghost batch,
+    in order, as a BatchNorm called on each ghost batch would; the default moves them
+    once per call with the mean of the ghost batches' statistics."""
+    x = torch.randn(10, 4, dtype=D) * 2 + 1  # ghost batches of 4, 4, 2
+    ours = bnn.GhostBatchNorm1d(4, 4, momentum=momentum, dtype=D,
+                                update_per_ghost_batch=True)
+    ref = bnn.BatchNorm1d(4, momentum=momentum, dtype=D)
+    y = ours(x)
+    for x_g in x.split(4):
+        ref(x_g)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name),
+                                   msg=named(name))
+    torch.testing.assert_close(y, bnn.GhostBatchNorm1d(4, 4, dtype=D)(x))
+    once = bnn.GhostBatchNorm1d(4, 4, momentum=momentum, dtype=D)
+    once(x)
+    assert int(once.num_batches_tracked) == 1
+    if momentum is not None:  # (None: both are the plain mean of the three)
+        assert not torch.allclose(once.running_var, ours.running_var)
+    assert "update_per_ghost_batch=True" in repr(ours)
+
+
+def test_docstring_says_when_running_statistics_move():
+    from bnlib.nn import ghost as module
+    assert "once per call" in module.__doc__
+    assert "once per ghost batch" in module.__doc__

@@ -418,3 +418,34 @@ def test_bad_r_max_d_max_rejected_at_construction_and_at_call(r_max, d_max, matc
     m.r_max, m.d_max = 1.0, 0.0  # the limits themselves are fine
     m.train()(torch.randn(4, 3))
     assert m.num_batches_tracked.item() == 2
+
+
+def test_warmup_schedule_runs_the_papers_relaxation():
+    """warmup=(start, r_end, d_end): plain batch norm up to start (r = 1, d = 0, equal
+    to BatchNorm), then r_max and d_max relaxed linearly, held after their ends."""
+    m = bnn.BatchRenorm1d(3, r_max=3.0, d_max=5.0, warmup=(2, 6, 4))
+    assert [m.limits(s) for s in (1, 2, 4, 5, 6, 9)] == [
+        (1.0, 0.0), (1.0, 0.0), (2.0, 5.0), (2.5, 5.0), (3.0, 5.0), (3.0, 5.0)]
+    assert bnn.BatchRenorm1d(3, warmup=(0, 4)).limits(2) == (2.0, 2.5)
+    assert bnn.BatchRenorm1d(3, r_max=2.0, d_max=1.0).limits(1) == (2.0, 1.0)
+    assert "warmup=(2, 6, 4)" in repr(m)
+    ref = bnn.BatchNorm1d(3, momentum=0.01, dtype=D)
+    ours = bnn.BatchRenorm1d(3, dtype=D, warmup=(2, 6, 4))
+    with torch.no_grad():
+        ours.running_mean.fill_(5.0)  # far from the batches: r, d would clip hard
+        ref.running_mean.fill_(5.0)
+    for step in range(1, 4):
+        x = torch.randn(8, 3, dtype=D) * 3
+        y, y_ref = ours(x), ref(x)
+        if step <= 2:  # warm-up: batch norm exactly
+            torch.testing.assert_close(y, y_ref, msg=named(f"step {step}"))
+        else:  # relaxed: corrected toward the running statistics
+            assert not torch.allclose(y, y_ref), f"step {step} still plain BN"
+    for bad in ((3, 2), (-1, 4), (1, 2, 3, 4), (1.0, 2), "x"):
+        with pytest.raises(ValueError, match="warmup must be"):
+            bnn.BatchRenorm1d(3, warmup=bad)
+
+
+def test_docstring_says_the_running_variance_is_unbiased_not_the_papers_sigma():
+    from bnlib.nn import renorm as module  # the file's docstring, read by the API page
+    assert "unbiased" in module.__doc__ and "sigma_B" in module.__doc__

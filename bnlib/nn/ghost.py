@@ -18,7 +18,12 @@ unbiased variances:
     running_var  = (1 - momentum) * running_var  + momentum * mean_g(v_g)
 
 where v_g = var_g * M_g / (M_g - 1) is ghost batch g's unbiased variance (M_g values
-per channel); momentum=None gives the cumulative average, as in BatchNorm. Eval mode
+per channel); momentum=None gives the cumulative average, as in BatchNorm. So by
+default the running statistics move once per call, and ``num_batches_tracked`` counts
+calls. The paper's reference code instead runs a batch norm per ghost batch, moving
+them once per ghost batch (G times per call, the later ghost batches weighing more);
+``update_per_ghost_batch=True`` does that, and then ``num_batches_tracked`` counts
+ghost batches (and momentum=None averages over them). Eval mode
 is batch norm's. With ``virtual_batch_size >= N`` there is one ghost batch: batch
 norm exactly. The argument is named as in Keras's
 ``BatchNormalization(virtual_batch_size=...)``.
@@ -71,16 +76,20 @@ class _GhostBatchNorm(_TorchBatchNorm):
 
     def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None) -> None:
+                 track_running_stats: bool = True, device=None, dtype=None, *,
+                 update_per_ghost_batch: bool = False) -> None:
         _check_virtual_batch_size(virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.virtual_batch_size = virtual_batch_size
+        self.update_per_ghost_batch = update_per_ghost_batch
 
     def extra_repr(self) -> str:
+        per_ghost = getattr(self, "update_per_ghost_batch", False)
         return (f"{self.num_features}, virtual_batch_size={self.virtual_batch_size}, "
                 f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}")
+                f"track_running_stats={self.track_running_stats}"
+                + (", update_per_ghost_batch=True" if per_ghost else ""))
 
     def _check_input_dim(self, x: Tensor) -> None:
         _BatchNorm._check_input_dim(self, x)  # bnlib.nn's check and message
@@ -103,8 +112,9 @@ class _GhostBatchNorm(_TorchBatchNorm):
             _check_ghost_batches(x, virtual_batch_size)
 
         # Only now, with every check passed, change the module's state.
+        per_ghost = getattr(self, "update_per_ghost_batch", False)
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats:
+        if self.track_running_stats and not (per_ghost and nonempty):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average over the batches seen
                 momentum = 1.0 / self.num_batches_tracked.double()
@@ -122,7 +132,15 @@ class _GhostBatchNorm(_TorchBatchNorm):
                                              correction=1)
                 mu_g.append(mu)
                 var_g.append(var)
-        if running_mean is not None:
+        if running_mean is not None and per_ghost:
+            with torch.no_grad():  # the reference code: one update per ghost batch
+                for mu, var in zip(mu_g, var_g, strict=True):
+                    self.num_batches_tracked.add_(1)
+                    if self.momentum is None:  # cumulative, over ghost batches
+                        momentum = 1.0 / self.num_batches_tracked.double()
+                    running_mean.lerp_(_to(mu, running_mean.dtype), momentum)
+                    running_var.lerp_(_to(var, running_var.dtype), momentum)
+        elif running_mean is not None:
             with torch.no_grad():  # running = (1 - m) * running + m * mean_g(stat_g)
                 running_mean.lerp_(_to(torch.stack(mu_g).mean(0), running_mean.dtype),
                                    momentum)
@@ -135,9 +153,11 @@ class GhostBatchNorm1d(_GhostBatchNorm):
     """Ghost batch norm over (N, C) or (N, C, L) input.
 
     ``GhostBatchNorm1d(num_features, virtual_batch_size, eps=1e-5, momentum=0.1,
-    affine=True, track_running_stats=True, device=None, dtype=None)``: parameters
-    weight, bias (C,) and buffers running_mean, running_var (C,), num_batches_tracked,
-    as ``nn.BatchNorm1d``.
+    affine=True, track_running_stats=True, device=None, dtype=None, *,
+    update_per_ghost_batch=False)``: parameters weight, bias (C,) and buffers
+    running_mean, running_var (C,), num_batches_tracked, as ``nn.BatchNorm1d``. The
+    running statistics move once per call, or once per ghost batch with
+    ``update_per_ghost_batch=True`` (the paper's reference code).
     """
 
     _expected_dims = (2, 3)
@@ -147,9 +167,11 @@ class GhostBatchNorm2d(_GhostBatchNorm):
     """Ghost batch norm over (N, C, H, W) input.
 
     ``GhostBatchNorm2d(num_features, virtual_batch_size, eps=1e-5, momentum=0.1,
-    affine=True, track_running_stats=True, device=None, dtype=None)``: parameters
-    weight, bias (C,) and buffers running_mean, running_var (C,), num_batches_tracked,
-    as ``nn.BatchNorm2d``.
+    affine=True, track_running_stats=True, device=None, dtype=None, *,
+    update_per_ghost_batch=False)``: parameters weight, bias (C,) and buffers
+    running_mean, running_var (C,), num_batches_tracked, as ``nn.BatchNorm2d``. The
+    running statistics move once per call, or once per ghost batch with
+    ``update_per_ghost_batch=True`` (the paper's reference code).
     """
 
     _expected_dims = (4,)

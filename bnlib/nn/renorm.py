@@ -24,8 +24,18 @@ of gamma:
 The running statistics are then updated exactly as in batch norm (unbiased variance,
 ``running = (1 - momentum) * running + momentum * stat``), and eval mode is batch
 norm's. With ``r_max = 1`` and ``d_max = 0``, r = 1 and d = 0: batch norm exactly. The
-paper starts there and relaxes ``r_max`` and ``d_max`` over training, so they are plain
-attributes that a schedule may change between calls.
+paper starts there and relaxes ``r_max`` and ``d_max`` over training (plain BN for 5k
+steps, then r_max up to 3 by 40k steps and d_max up to 5 by 25k): ``warmup=(5000,
+40000, 25000)`` runs that schedule from ``num_batches_tracked`` (see
+:meth:`_BatchRenorm.limits`); without it ``r_max`` and ``d_max`` are plain attributes
+that a schedule of your own may change between calls.
+
+One difference from the paper, deliberate: the running statistics are batch norm's,
+an average of the batch mean and of the *unbiased* batch variance sigma^2 (so that a
+state dict is torch's BatchNorm's and eval mode is batch norm's exactly); the paper's
+Algorithm 1 averages the batch standard deviation sigma_B (biased, with eps inside)
+instead. The two running scales differ by the bias of sqrt (Jensen) and by M / (M - 1),
+a few percent for small batches.
 """
 
 from __future__ import annotations
@@ -118,6 +128,28 @@ class BatchRenormFunction(torch.autograd.Function):
         return dx, dgamma, dbeta, None, None, None
 
 
+def _check_warmup(warmup) -> None:
+    """None, (start, end) or (start, r_end, d_end): integers, 0 <= start <= ends."""
+    if warmup is None:
+        return
+    ok = isinstance(warmup, tuple) and len(warmup) in (2, 3) and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in warmup)
+    if not ok or warmup[0] < 0 or any(end < warmup[0] for end in warmup[1:]):
+        raise ValueError(
+            "warmup must be None, (start, end) or (start, r_end, d_end): steps "
+            "(num_batches_tracked) with 0 <= start <= end; plain batch norm before "
+            f"start, r_max and d_max reached at their end; got {warmup!r}")
+
+
+def _ramp(step: int, start: int, end: int, limit: float, plain: float) -> float:
+    """plain before start, limit from end on, linear in between."""
+    if step <= start:
+        return plain
+    if step >= end:
+        return limit
+    return plain + (limit - plain) * (step - start) / (end - start)
+
+
 def _check_limits(r_max, d_max) -> None:
     """r_max >= 1 and d_max >= 0 (real numbers), else a ValueError naming the bound."""
     if isinstance(r_max, bool) or not isinstance(r_max, numbers.Real) \
@@ -139,15 +171,34 @@ class _BatchRenorm(_TorchBatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None =
                  0.01, r_max: float = 3.0, d_max: float = 5.0, affine: bool = True,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, *,
+                 warmup: tuple[int, ...] | None = None) -> None:
         _check_limits(r_max, d_max)
+        _check_warmup(warmup)
         super().__init__(num_features, eps, momentum, affine,
                          track_running_stats=True, device=device, dtype=dtype)
-        self.r_max, self.d_max = r_max, d_max
+        self.r_max, self.d_max, self.warmup = r_max, d_max, warmup
+
+    def limits(self, step: int | None = None) -> tuple[float, float]:
+        """``(r_max, d_max)`` in force at ``step`` (default: this call's,
+        ``num_batches_tracked + 1``). Without ``warmup``, the attributes. With
+        ``warmup=(start, end)`` (or ``(start, r_end, d_end)``): 1 and 0 (plain batch
+        norm) up to step ``start``, then linear to ``r_max`` at ``r_end`` and to
+        ``d_max`` at ``d_end``, held after."""
+        warmup = getattr(self, "warmup", None)
+        if warmup is None:
+            return self.r_max, self.d_max
+        if step is None:
+            step = int(self.num_batches_tracked) + 1
+        start, r_end, d_end = warmup if len(warmup) == 3 else (*warmup, warmup[1])
+        return (_ramp(step, start, r_end, self.r_max, 1.0),
+                _ramp(step, start, d_end, self.d_max, 0.0))
 
     def extra_repr(self) -> str:
+        warmup = getattr(self, "warmup", None)
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"r_max={self.r_max}, d_max={self.d_max}, affine={self.affine}")
+                f"r_max={self.r_max}, d_max={self.d_max}, affine={self.affine}"
+                + ("" if warmup is None else f", warmup={warmup}"))
 
     def _check_input_dim(self, x: Tensor) -> None:
         _BatchNorm._check_input_dim(self, x)  # bnlib.nn's check and message
@@ -156,8 +207,9 @@ class _BatchRenorm(_TorchBatchNorm):
         """y = gamma * (x_hat * r + d) + beta in training, batch norm with the running
         statistics in eval; x (N, C, *spatial) -> y of the same shape."""
         self._check_input_dim(x)
-        r_max, d_max = self.r_max, self.d_max
-        _check_limits(r_max, d_max)
+        _check_limits(self.r_max, self.d_max)
+        _check_warmup(getattr(self, "warmup", None))
+        r_max, d_max = self.limits()
         running_mean, running_var = self.running_mean, self.running_var
         nonempty = _check_args(x, running_mean, running_var, self.weight, self.bias,
                                self.training, self.eps, self.num_features)
@@ -196,9 +248,10 @@ class BatchRenorm1d(_BatchRenorm):
     """Batch Renorm over (N, C) or (N, C, L) input.
 
     ``BatchRenorm1d(num_features, eps=1e-5, momentum=0.01, r_max=3.0, d_max=5.0,
-    affine=True, device=None, dtype=None)``: parameters weight, bias (C,) and buffers
-    running_mean, running_var (C,), num_batches_tracked, as ``nn.BatchNorm1d``.
-    ``r_max`` (>= 1) and ``d_max`` (>= 0) may be changed between calls.
+    affine=True, device=None, dtype=None, *, warmup=None)``: parameters weight, bias
+    (C,) and buffers running_mean, running_var (C,), num_batches_tracked, as
+    ``nn.BatchNorm1d``. ``r_max`` (>= 1) and ``d_max`` (>= 0) may be changed between
+    calls; ``warmup`` runs the paper's schedule (see :meth:`limits`).
     """
 
     _expected_dims = (2, 3)
@@ -208,9 +261,10 @@ class BatchRenorm2d(_BatchRenorm):
     """Batch Renorm over (N, C, H, W) input.
 
     ``BatchRenorm2d(num_features, eps=1e-5, momentum=0.01, r_max=3.0, d_max=5.0,
-    affine=True, device=None, dtype=None)``: parameters weight, bias (C,) and buffers
-    running_mean, running_var (C,), num_batches_tracked, as ``nn.BatchNorm2d``.
-    ``r_max`` (>= 1) and ``d_max`` (>= 0) may be changed between calls.
+    affine=True, device=None, dtype=None, *, warmup=None)``: parameters weight, bias
+    (C,) and buffers running_mean, running_var (C,), num_batches_tracked, as
+    ``nn.BatchNorm2d``. ``r_max`` (>= 1) and ``d_max`` (>= 0) may be changed between
+    calls; ``warmup`` runs the paper's schedule (see :meth:`limits`).
     """
 
     _expected_dims = (4,)
