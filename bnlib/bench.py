@@ -2,6 +2,11 @@
 
     python -m bnlib.bench [--rounds 41] [--threads 1] [--device cpu] [--json FILE]
 
+Sizes include the ones practitioners feel (issue 15): eval forward at resnet18's
+(8, 64, 16, 16) and (8, 128, 8, 8) (target 1.5x torch.nn), training forward+backward
+at (60, 100) and (128, 256) (target 2.0x). On a machine shared with other processes,
+read the ratios (interleaved rounds), not the absolute times.
+
 Every variant of a case runs once per round, in a rotating order, all in one process, so
 that slow drifts of the machine (frequency, other load) hit every variant alike.
 Reported are medians with min-max over rounds, the median over rounds of the per-round
@@ -160,13 +165,25 @@ def _cases(device: str, quick: bool) -> list[Case]:
                       partial(train_step, theirs, xt, dy),
                       copy_of(x), traffic=5, target=1.0))
 
-    # 4. The sizes the book trains: per-call overhead, not memory, is the cost.
     def repeated(fn, n):
         def run():
             for _ in range(n):
                 fn()
         return run
 
+    # 4. Eval forward at the sizes of resnet18 on 64x64 images (issue 15): per call,
+    # many calls per sample. The target is 1.5x torch.nn.
+    for shape in ((2, 8, 4, 4),) if quick else ((8, 64, 16, 16), (8, 128, 8, 8)):
+        x, _ = tensors(shape)
+        ours_e, theirs_e = (lib.BatchNorm2d(shape[1]).to(device).eval()
+                            for lib in (bnn, torch.nn))
+        n = 20
+        cases.append(Case("bnlib.nn eval fwd vs torch.nn (resnet18 sizes)", shape,
+                          repeated(partial(eval_step, ours_e, x), n),
+                          repeated(partial(eval_step, theirs_e, x), n),
+                          repeated(copy_of(x), n), traffic=2, target=1.5, repeat=n))
+
+    # 5. The sizes the book trains: per-call overhead, not memory, is the cost.
     for shape in ((8, 16), (16, 32)) if quick else ((60, 100), (128, 256)):
         x, dy = tensors(shape)
         xt = x.clone().requires_grad_()

@@ -20,6 +20,7 @@ def test_quick_benchmark_writes_json(tmp_path, capsys):
     assert names == {"numpy_fast fwd+bwd vs torch native",
                      "bnlib.nn fwd+bwd vs torch.nn", "bnlib.nn eval fwd vs torch.nn",
                      "bnlib.nn fwd+bwd vs torch.nn (small)",
+                     "bnlib.nn eval fwd vs torch.nn (resnet18 sizes)",
                      "torch.compile(bnlib.nn) fwd+bwd vs torch.nn"}
     for r in result["results"]:
         assert r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["ratio"] > 0
