@@ -134,7 +134,8 @@ def check_forward(y, x, gamma, beta, eps=1e-5, rtol=1e-8, atol=1e-10, name="y"):
     }
     tol = dict(rtol=1e-6, atol=1e-8)
     if _close(x_hat, candidates["M-1"], **tol):
-        r = float(np.median(x_hat.std(0) / ref_forward(x64, g, b, eps)[1].std(0)))
+        j = int(np.argmax(x64.var(0)))  # the feature where eps matters least
+        r = float(x_hat[:, j].std() / ref_forward(x64, g, b, eps)[1][:, j].std())
         _fail(
             f"{name} looks normalized with the unbiased variance (divided by M - 1): the "
             f"spread of your x_hat is {r:.4f} of the expected one, sqrt((M-1)/M) = "
