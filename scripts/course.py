@@ -243,6 +243,8 @@ def _num(x: float) -> str:
 
 
 def _assignment_of(nb_path: Path) -> str:
+    if not Path(nb_path).is_file():
+        raise SystemExit(f"{nb_path}: no such notebook")
     meta = json.loads(Path(nb_path).read_text()).get("metadata", {})
     name = meta.get("otter", {}).get("assignment_name")
     if not name:
