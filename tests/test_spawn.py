@@ -25,7 +25,7 @@ def _all_reduce(rank, world_size, x):
 
 def test_values_come_back_in_rank_order():
     x = torch.arange(3, dtype=torch.float64)
-    out = launch(_all_reduce, 3, x, timeout_s=60)
+    out = launch(_all_reduce, 3, x, timeout_s=180)  # generous: a loaded CI machine
     assert [o["rank"] for o in out] == [0, 1, 2]
     assert all(o["world_size"] == 3 and o["backend"] == "gloo" for o in out)
     for o in out:  # every rank holds (1 + 2 + 3) * x
@@ -43,12 +43,13 @@ def _raise_on_rank_1(rank, world_size):
 def test_an_error_names_the_rank_and_the_peer_fails_within_the_timeout():
     t0 = time.monotonic()
     with pytest.raises(LaunchError) as info:
-        launch(_raise_on_rank_1, 2, timeout_s=30, collective_timeout_s=5)
-    assert time.monotonic() - t0 < 30
+        launch(_raise_on_rank_1, 2, timeout_s=180, collective_timeout_s=10)
+    assert time.monotonic() - t0 < 180  # rank 0 failed in its collective, not killed
     results = info.value.results
     assert [r.rank for r in results] == [0, 1]
     assert "ValueError: rank 1 refuses" in results[1].error
     assert results[0].error is not None and results[0].value is None
+    assert "killed" not in results[0].error  # its collective failed within 10 s
     assert "rank 1: ValueError: rank 1 refuses" in str(info.value)
 
 
@@ -61,11 +62,11 @@ def _crash_or_hang(rank, world_size):
 def test_a_crash_and_a_hang_are_reported_not_waited_for():
     t0 = time.monotonic()
     with pytest.raises(LaunchError) as info:
-        launch(_crash_or_hang, 2, timeout_s=15)
-    assert time.monotonic() - t0 < 30
+        launch(_crash_or_hang, 2, timeout_s=40)
+    assert time.monotonic() - t0 < 60
     crash, hang = info.value.results
     assert "exited with code 3 without a Python error" in crash.error
-    assert "still running after 15 s: killed" in hang.error
+    assert "still running after 40 s: killed" in hang.error
 
 
 def test_bad_arguments_raise_before_any_process_starts():
@@ -92,9 +93,10 @@ def test_a_body_defined_in_main_travels_as_source(tmp_path):
         "    return t.item()\n"
         "if __name__ == '__main__':\n"
         "    imports = 'import torch\\nimport torch.distributed as dist'\n"
-        "    print(launch(body, 2, helpers=[double], timeout_s=60, preamble=imports))\n"
+        "    print(launch(body, 2, helpers=[double], timeout_s=180,\n"
+        "                 preamble=imports))\n"
     )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=240)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[6.0, 6.0]"
