@@ -4,14 +4,17 @@ Modules (import the one you need; each is small and self-contained):
 
 - :mod:`bnlib.numpy_bn`: the math in NumPy (forward, backward, inference, a layer).
 - :mod:`bnlib.numpy_fast`: the same functions as fast, cache-blocked NumPy kernels.
-- :mod:`bnlib.nn`: ``BatchNorm1d/2d/3d`` for PyTorch with a hand-written backward.
-- :mod:`bnlib.fold`: fold an eval-mode batch norm into the layer before it.
+- :mod:`bnlib.nn`: ``BatchNorm1d/2d/3d`` for PyTorch with a hand-written backward, and
+  Batch Renorm, Ghost BN and ``SyncBatchNorm``.
+- :mod:`bnlib.fold`: fold eval-mode batch norms into the layers before them.
 - :mod:`bnlib.gradcheck`: numerical gradients by central differences.
 - :mod:`bnlib.diagnose`: ``diagnose(model, x=None)`` finds the silent batch-norm bugs
   (a frozen BN that still updates, Keras' momentum, a bias or dropout before BN,
   untrained or stale running statistics, small batches).
 - :mod:`bnlib.data`, :mod:`bnlib.models`, :mod:`bnlib.train`, :mod:`bnlib.plotting`,
-  :mod:`bnlib.repro`: data, networks, a training loop, figures and seeding for the book.
+  :mod:`bnlib.repro`: data, networks, a training loop, figures, and one arithmetic
+  path and seeds for the book; :mod:`bnlib.spawn`: run a function in N processes of a
+  ``torch.distributed`` group.
 - ``python -m bnlib.bench``: the speed benchmark against torch's native kernels.
 """
 

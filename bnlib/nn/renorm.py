@@ -27,7 +27,7 @@ norm's. With ``r_max = 1`` and ``d_max = 0``, r = 1 and d = 0: batch norm exactl
 paper starts there and relaxes ``r_max`` and ``d_max`` over training (plain BN for 5k
 steps, then r_max up to 3 by 40k steps and d_max up to 5 by 25k): ``warmup=(5000,
 40000, 25000)`` runs that schedule from ``num_batches_tracked`` (see
-:meth:`_BatchRenorm.limits`); without it ``r_max`` and ``d_max`` are plain attributes
+``limits()``); without it ``r_max`` and ``d_max`` are plain attributes
 that a schedule of your own may change between calls.
 
 One difference from the paper, deliberate: the running statistics are batch norm's,
@@ -251,7 +251,7 @@ class BatchRenorm1d(_BatchRenorm):
     affine=True, device=None, dtype=None, *, warmup=None)``: parameters weight, bias
     (C,) and buffers running_mean, running_var (C,), num_batches_tracked, as
     ``nn.BatchNorm1d``. ``r_max`` (>= 1) and ``d_max`` (>= 0) may be changed between
-    calls; ``warmup`` runs the paper's schedule (see :meth:`limits`).
+    calls; ``warmup`` runs the paper's schedule (see ``limits()``).
     """
 
     _expected_dims = (2, 3)
@@ -264,7 +264,7 @@ class BatchRenorm2d(_BatchRenorm):
     affine=True, device=None, dtype=None, *, warmup=None)``: parameters weight, bias
     (C,) and buffers running_mean, running_var (C,), num_batches_tracked, as
     ``nn.BatchNorm2d``. ``r_max`` (>= 1) and ``d_max`` (>= 0) may be changed between
-    calls; ``warmup`` runs the paper's schedule (see :meth:`limits`).
+    calls; ``warmup`` runs the paper's schedule (see ``limits()``).
     """
 
     _expected_dims = (4,)

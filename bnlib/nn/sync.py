@@ -77,13 +77,13 @@ Design decisions:
 - Double backward is not supported in synchronized mode (the backward's all-reduce is
   not differentiable): it raises. torch.compile and torch.func are not supported in
   synchronized mode either; in the other modes the module is bnlib.nn's BatchNorm.
-- :meth:`SyncBatchNorm.convert_sync_batchnorm` swaps torch's and bnlib's
+- :meth:`bnlib.nn.SyncBatchNorm.convert_sync_batchnorm` swaps torch's and bnlib's
   BatchNorm1d/2d/3d (and torch's SyncBatchNorm) for bnlib's ``SyncBatchNorm``,
   keeping the very parameter and buffer tensors (so ``requires_grad``, devices and an
   optimizer's references survive) and each module's train/eval mode. Batch Renorm
   and Ghost BN are not batch norm and are left as they are. The replaced class is kept
   in the new module's ``revert_class`` attribute.
-- :func:`revert_sync_batchnorm` (a module-level function, also reachable as
+- :func:`bnlib.nn.revert_sync_batchnorm` (a module-level function, also reachable as
   ``SyncBatchNorm.revert_sync_batchnorm``) does the reverse, for bnlib's and torch's
   SyncBatchNorm, so that a model trained with it can be evaluated on one CPU. PyTorch
   has no such function. The class each SyncBatchNorm becomes is, in order: the
@@ -321,7 +321,7 @@ def revert_sync_batchnorm(module: nn.Module,
                           batchnorm_class: type[nn.Module] | None = None) -> nn.Module:
     """Turn every SyncBatchNorm (bnlib's or torch's) in ``module`` back into a batch
     norm, to run the model in one process; the reverse of
-    :meth:`SyncBatchNorm.convert_sync_batchnorm`.
+    ``SyncBatchNorm.convert_sync_batchnorm``.
 
     Each becomes a ``batchnorm_class`` if given, else its ``revert_class`` (the class
     that convert_sync_batchnorm replaced, or one set by hand), else
