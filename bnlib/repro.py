@@ -41,6 +41,7 @@ import platform
 import random
 import sys
 import warnings
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # numpy and torch are imported only after the pinning
@@ -93,7 +94,7 @@ def cpu_has_avx2() -> bool:
         return False
 
 
-def pin_arithmetic(environ: os._Environ | dict | None = None) -> dict[str, str]:
+def pin_arithmetic(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
     """Set :data:`PINNED_ENV` in ``environ`` (default ``os.environ``); return it.
 
     Overrides what was there, so that a stray ``MKL_CBWR`` cannot change the book's
