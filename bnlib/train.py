@@ -7,7 +7,7 @@ paired experiments (with and without batch norm) differ only in what they compar
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 
 from .data import Split, batches
 
-__all__ = ["evaluate", "fit", "recompute_bn_statistics"]
+__all__ = ["batch_order", "evaluate", "fit", "recompute_bn_statistics"]
 
 
 @torch.no_grad()
@@ -38,6 +38,26 @@ def evaluate(
     finally:
         model.train(was_training)
     return loss / len(x), correct / len(x)
+
+
+def batch_order(n: int, batch_size: int, steps: int,
+                seed: int = 0) -> Iterator[np.ndarray]:
+    """The index batches ``fit(..., steps=steps, batch_size=batch_size, seed=seed)``
+    trains on, in order: ``steps`` arrays of ``batch_size`` indices into ``n`` training
+    examples, epoch after epoch, each epoch shuffled from ``seed`` (and the epoch's
+    number) with the last incomplete batch dropped. Code that trains on its own (a
+    custom loop, a fine-tuning recipe) can use it to see exactly fit's batches."""
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be from 1 to the {n} training examples, "
+                         f"got {batch_size}")
+    step, epoch = 0, 0
+    while step < steps:
+        for idx in batches(n, batch_size, seed=seed * 100_003 + epoch):
+            yield idx
+            step += 1
+            if step == steps:
+                return
+        epoch += 1
 
 
 def fit(
@@ -69,6 +89,9 @@ def fit(
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    if not 1 <= batch_size <= len(data.x_train):
+        raise ValueError(f"batch_size must be from 1 to the {len(data.x_train)} "
+                         f"training examples, got {batch_size}")
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                               weight_decay=weight_decay)
@@ -92,27 +115,22 @@ def fit(
 
     torch.manual_seed(seed)  # dropout masks and any other torch randomness in training
     model.train()
-    step, epoch, losses = 0, 0, []
-    while step < steps:
-        for idx in batches(len(x), batch_size, seed=seed * 100_003 + epoch):
-            logits = model(x[idx])
-            loss = nn.functional.cross_entropy(logits, y[idx])
-            if not torch.isfinite(loss):
-                record(step, [float("nan")])
-                return history
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            step += 1
-            if on_step is not None:
-                on_step(step, model)
-            if step % eval_every == 0 or step == steps:
-                record(step, losses)
-                losses = []
-            if step == steps:
-                break
-        epoch += 1
+    losses = []
+    for step, idx in enumerate(batch_order(len(x), batch_size, steps, seed), start=1):
+        logits = model(x[idx])
+        loss = nn.functional.cross_entropy(logits, y[idx])
+        if not torch.isfinite(loss):
+            record(step - 1, [float("nan")])
+            return history
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, model)
+        if step % eval_every == 0 or step == steps:
+            record(step, losses)
+            losses = []
     return history
 
 

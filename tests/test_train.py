@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bnlib import data, models
-from bnlib.train import evaluate, fit, recompute_bn_statistics
+from bnlib.train import batch_order, evaluate, fit, recompute_bn_statistics
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,35 @@ def test_bn_trains_faster_than_plain_sigmoid_net(digits):
                      batch_size=32, lr=0.5, eval_every=100)["test_acc"][-1]
            for norm in ("none", "bnlib")}
     assert acc["bnlib"] > acc["none"] + 0.1
+
+
+def test_batch_order_is_the_batches_fit_trains_on(digits):
+    """A model that records which training examples it sees: fit's batches, in
+    order, over epoch boundaries, are batch_order's."""
+    n = len(digits.x_train)
+    index = digits.x_train.new_tensor(range(n))[:, None]  # example i's input is i
+    seen = []
+    spy = torch.nn.Linear(1, 10)
+    spy.register_forward_pre_hook(lambda m, inp: seen.append(
+        inp[0][:, 0].long().tolist()) if m.training else None)
+    steps = n // 32 + 5  # into the second epoch
+    fit(spy, data.Split(index, digits.y_train, index[:1], digits.y_train[:1]),
+        steps=steps, batch_size=32, lr=0.0, eval_every=steps, seed=3, train_acc=False)
+    order = [idx.tolist() for idx in batch_order(n, 32, steps, seed=3)]
+    assert len(order) == steps and seen == order
+    assert order[: n // 32] != [idx.tolist() for idx in batch_order(n, 32, n // 32)]
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_training(digits):
+    model = models.mlp([64, 10], norm="bnlib").eval()
+    small = data.Split(digits.x_train[:10], digits.y_train[:10], digits.x_test,
+                       digits.y_test)
+    with pytest.raises(ValueError, match="batch_size must be from 1 to the 10 "
+                                         "training examples, got 32"):
+        fit(model, small, steps=1, batch_size=32)
+    assert not model.training  # nothing changed
+    with pytest.raises(ValueError, match="got 0"):
+        next(batch_order(10, 0, 1))
 
 
 def test_divergence_stops_with_nan(digits):
