@@ -10,12 +10,15 @@ in float32, as torch does. The helpers above them (``_channel_sum``, ``_channel_
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 from torch import Tensor
 
 _REDUCED = (torch.float16, torch.bfloat16)  # computed in float32, like torch
 _CHUNK_BYTES = 1 << 19  # a chunk of this size, and its temporaries, stay in L2 cache
-_TILE_MIN = 1 << 15  # values: from here on, _rows' tiling pays for itself
+_TILE_MIN = 1 << 15  # values: from here on, _affine's tiling pays for itself
 
 
 def _reduce_dims(x: Tensor) -> list[int]:
@@ -76,27 +79,31 @@ def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
     return acc
 
 
-def _rows(v: Tensor, x: Tensor) -> Tensor | None:
-    """v (C,) tiled to short contiguous rows that broadcast against a contiguous x.
+@functools.lru_cache(maxsize=256)
+def _tile(length: int) -> int | None:
+    """The largest divisor of ``length`` in 16..128 (None if there is none)."""
+    return next((k for k in range(128, 15, -1) if length % k == 0), None)
+
+
+def _row_length(x: Tensor) -> int | None:
+    """The row length k at which ``_affine`` tiles its per-channel vectors for x, or
+    None where it broadcasts them instead.
 
     PyTorch's CPU kernels vectorize a three-operand op (addcmul) only when at most one
     operand is broadcast along the innermost dimension. For (N, C, *spatial) input a
     per-channel vector is broadcast along it, and the op runs element by element.
-    Viewing x as (N, C, L / k, k) and v as (C, 1, k) rows keeps every operand contiguous
-    along the innermost k, and the op runs at memory speed. Returns None where no k
+    Viewing x as (N, C, L / k, k) and each vector as (C, 1, k) rows keeps every operand
+    contiguous along the innermost k, and the op runs at memory speed. None where no k
     fits (and on GPU, where broadcasting costs nothing), and for inputs under 32 Ki
     values, where the tiling's own ops cost more than they save (element by element,
     addcmul takes about 1.5 ns a value; the tiling about 25 us, measured on one core).
     The result is the same bits either way.
     """
-    if x.dim() == 2 or not x.is_contiguous() or x.device.type != "cpu" \
-            or x.numel() < _TILE_MIN:
+    shape = x.shape
+    if len(shape) == 2 or not x.is_cpu or x.numel() < _TILE_MIN \
+            or not x.is_contiguous():
         return None  # (N, C) and channels_last: C is innermost, v is contiguous there
-    length = x[0, 0].numel()
-    k = next((k for k in range(128, 15, -1) if length % k == 0), None)
-    if k is None:
-        return None
-    return v.view(-1, 1, 1).expand(-1, 1, k).contiguous()  # (C, 1, k)
+    return _tile(math.prod(shape[2:]))
 
 
 def _affine(t: Tensor, scale: Tensor, shift: Tensor, inplace: bool = False) -> Tensor:
@@ -106,14 +113,17 @@ def _affine(t: Tensor, scale: Tensor, shift: Tensor, inplace: bool = False) -> T
     The result is never a view: it is an operator's output, which the caller may
     modify in place (BN -> ReLU(inplace=True)), and autograd forbids that on a view
     created inside a custom Function."""
-    scale_rows, shift_rows = _rows(scale, t), _rows(shift, t)
-    if scale_rows is None:
+    k = _row_length(t)
+    if k is None:
         if inplace:
             return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t), out=t)
         return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t))
-    n, c, k = t.shape[0], t.shape[1], scale_rows.shape[-1]
+    # scale and shift as (C, 1, k) rows, both from one copy: (2, C, 1, k)
+    rows = torch.stack((scale, shift)).view(2, -1, 1, 1).expand(2, -1, 1, k)
+    rows = rows.contiguous()
+    n, c = t.shape[0], t.shape[1]
     out = t if inplace else torch.empty_like(t)  # contiguous, like t
-    torch.addcmul(shift_rows, t.view(n, c, -1, k), scale_rows,
+    torch.addcmul(rows[1], t.view(n, c, -1, k), rows[0],
                   out=out.view(n, c, -1, k))  # (N, C, L / k, k)
     return out
 
@@ -125,28 +135,34 @@ def _forward_kernel(x, weight, bias, mean, var, training: bool, eps: float):
     training: mu, var = batch statistics;  y = (x - mu) * (gamma * inv_std) + beta
     eval:     mu, var = running statistics; y = x * scale + (beta - mu * scale)
     """
+    if not training:
+        xf = _compute(x)
+        y, inv_std = _eval_kernel(xf, weight, bias, mean, var, eps)
+        return _to(y, x.dtype), xf.new_empty(0), xf.new_empty(0), inv_std
     xf = _compute(x)  # (N, C, ...), float32 for half inputs
     m = x.numel() // x.shape[1]  # values per channel
-    if training:
-        mean = xf.mean(0) if x.dim() == 2 else _channel_sum(xf) / m  # -> (C,)
-        y = xf - _bcast(mean, xf)  # x - mu, in the output's buffer
-        var = _channel_dot(y, y) / m  # mean((x - mu)^2): biased, two-pass
-    else:
-        mean, var = _to(mean, xf.dtype), _to(var, xf.dtype)
+    mean = xf.mean(0) if x.dim() == 2 else _channel_sum(xf) / m  # -> (C,)
+    y = xf - _bcast(mean, xf)  # x - mu, in the output's buffer
+    var = _channel_dot(y, y) / m  # mean((x - mu)^2): biased, two-pass
     inv_std = torch.rsqrt(var + eps)  # (C,)
     scale = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
-    if training:  # y = (x - mu) * scale + beta, in place: exact for large mu
-        if bias is None:
-            y = y.mul_(_bcast(scale, xf))
-        else:
-            y = _affine(y, scale, _to(bias, xf.dtype), inplace=True)
-        stats = (mean, var)
-    else:  # one pass over x, like torch's eval kernel
-        shift = -mean * scale if bias is None else \
-            torch.addcmul(_to(bias, xf.dtype), mean, scale, value=-1)
-        y = _affine(xf, scale, shift)
-        stats = (xf.new_empty(0), xf.new_empty(0))
-    return _to(y, x.dtype), *stats, inv_std
+    # y = (x - mu) * scale + beta, in place: exact for large mu
+    if bias is None:
+        y = y.mul_(_bcast(scale, xf))
+    else:
+        y = _affine(y, scale, _to(bias, xf.dtype), inplace=True)
+    return _to(y, x.dtype), mean, var, inv_std
+
+
+def _eval_kernel(xf, weight, bias, mean, var, eps: float):
+    """Eval mode's y (in xf's dtype) and inv_std, from the running statistics, in one
+    pass over x like torch's eval kernel: y = x * scale + (beta - mu * scale)."""
+    mean, var = _to(mean, xf.dtype), _to(var, xf.dtype)
+    inv_std = torch.rsqrt(var + eps)  # (C,)
+    scale = inv_std if weight is None else _to(weight, xf.dtype) * inv_std  # (C,)
+    shift = -mean * scale if bias is None else \
+        torch.addcmul(_to(bias, xf.dtype), mean, scale, value=-1)
+    return _affine(xf, scale, shift), inv_std
 
 
 def _backward_kernel(dy, x, weight, mean, inv_std, training: bool,

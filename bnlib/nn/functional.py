@@ -11,7 +11,7 @@ import torch
 import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
 
-from ._kernels import _REDUCED, _forward_kernel, _to
+from ._kernels import _REDUCED, _compute, _eval_kernel, _forward_kernel, _to
 from ._op import (
     BatchNormFunction,
     _batch_norm_op,
@@ -159,15 +159,25 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
             x.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad))):
         y, mean, var = _EagerBatchNormFunction.apply(*args)
-    else:  # nothing to differentiate: the kernel alone
+    elif training:  # nothing to differentiate: the kernel alone
         y, mean, var, _ = _forward_kernel(*args)
+    else:  # the same, in eval: no statistics to return
+        y = _to(_eval_kernel(_compute(x), weight, bias, running_mean, running_var,
+                             eps)[0], x.dtype)
     if training and running_mean is not None and running_var is not None:
         m = x.numel() // x.shape[1]
         with torch.no_grad():  # running = (1 - momentum) * running + momentum * stat
             unbiased_var = var * (m / (m - 1))  # store the unbiased variance
-            for running, stat in ((running_mean, mean), (running_var, unbiased_var)):
-                if _transformed():  # vmap has batching rules for these, not lerp_
+            pairs = ((running_mean, mean), (running_var, unbiased_var))
+            if _transformed():  # vmap has batching rules for these, not lerp_
+                for running, stat in pairs:
                     running.mul_(1 - momentum).add_(stat * momentum)
-                else:  # running + momentum * (stat - running): one op, not three
+            elif isinstance(momentum, float) and running_mean.dtype == mean.dtype \
+                    and running_var.dtype == mean.dtype:
+                # running + momentum * (stat - running), both in one call
+                torch._foreach_lerp_([running_mean, running_var], [mean, unbiased_var],
+                                     momentum)
+            else:
+                for running, stat in pairs:
                     running.lerp_(_to(stat, running.dtype), momentum)
     return y
