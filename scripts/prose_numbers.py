@@ -1,36 +1,95 @@
-"""Check that every number quoted in a chapter's prose comes from the chapter itself.
+"""Check that every number quoted in a chapter's prose is shown by the cells beside it.
 
 A chapter's prose quotes its results ("80% in 100 steps instead of 650"). Those
 numbers are typed by hand, so a change to a chapter that moves its outputs can leave
 the prose saying something the cells no longer show. This checker reads a notebook and
-flags every number in its Markdown cells that is not
+flags every number in its Markdown cells that is not shown where the prose stands.
 
-* printed in an output of one of its code cells, or written in one of them (a batch
-  size, a learning rate), to the precision the prose gives it: prose "0.82" matches a
-  printed 0.8214; "82%" or "82 points" also matches 0.8214; or
-* listed in the notebook's metadata under ``bnbook.quoted_numbers``, with where it
-  comes from (a paper, an arithmetic fact): ``{"50,000": "Ioffe & Szegedy (2015), Sec.
-  4.1: steps"}``.
+Two modes. The *strict* mode (``--strict``; ``check_notebook(path, strict=True)``)
+binds each number to the cells next to it; it is the one to satisfy. The default mode
+is the first version's: a number passes if it appears anywhere in the chapter's outputs
+or code (in a long chapter a stale number usually matches something else, so it lets
+about one planted stale number in five through); it stays the default only until every
+chapter passes the strict mode.
 
-Not checked: math (``$...$``), code, roles and links; whole numbers from 0 to 10 (they
-mostly count things: "three layers", "Chapter 3"); years (1900-2030); a number right
-after "Chapter", "Table", "Figure", "Algorithm", "Section", "Part", "Eq." and the
-like.
+Strict mode: where a number must be shown
+    The *neighbourhood* of a piece of prose is the outputs of
 
-An entry of ``quoted_numbers`` that the prose no longer contains is reported too, so
-the list cannot go stale.
+    * the code cells of its section: a Markdown heading of level 2 or deeper runs to the
+      next heading of the same or a higher level, and the prose belongs to the
+      innermost section around it (a cell that holds a heading is split there); an
+      ``{exercise}`` block, with its solution, is a section of its own inside
+      "Exercises";
+    * the nearest code cell above the Markdown cell and the nearest one below it, even
+      across a heading;
+    * the sections and figures the prose refers to with ``{ref}`` or ``{numref}``
+      (a label in the chapter itself, such as ``(ch05-lr)=`` above a heading, or a
+      figure's ``name``).
 
-Usage: ``python scripts/prose_numbers.py book/05_faster_convergence.ipynb [...]``;
-exit status 1 if anything is flagged. ``tests/test_chapters.py`` runs it on every
-chapter.
+    A number the body's prose quotes where its neighbourhood shows it may be quoted
+    again anywhere (the same token: "0.82" again, not "0.8"): it is checked where it
+    is bound. The introduction (before the first level-2 heading) and the "Summary"
+    have only this rule, the nearest code cells and their {ref}s: a summary bullet
+    that quotes a number the body does not quote refers to its section.
+
+Strict mode: what counts as shown
+    * A printed number, to the precision the prose gives it: prose "0.82" matches a
+      printed 0.8214 (the output rounded to the prose's decimals), "82%" or "82
+      points" also matches 0.8214, "5,000" matches 5000. The indices of a module's
+      repr ("(7): Sigmoid()") are not printed numbers.
+    * A number written in the code, only where the prose says it is a setting, and
+      only in the code cell just above or below the prose (or a module-level
+      UPPER_CASE constant, ``LR, STEPS = 5.0, 400``, a setting of the whole chapter).
+      The prose says so right before the number: "rate", "lr", "learning rate",
+      "batch (size) (of)", "batches of", "momentum", "weight decay", "decay", "seed",
+      "epsilon"/"eps", "width", "threshold", "temperature", "order", or a bound a
+      cell asserts ("within", "below", "under", "above", "over", "less than", "more
+      than", "at least", "at most"), with an optional "=", "of", "is" or "at"; or
+      right after it, with up to two words between: "steps", "epochs", "iterations",
+      "examples", "images", "digits", "units", "channels", "features", "seeds",
+      "classes", "batches", "values", "updates", "runs", "rounds", "rows", "layers",
+      ... ("with lr = 0.1", "batches of 32", "700 steps", "200 random batches"); or
+      the number is one of a network's widths ("64-100-100-10"); or its sentence says
+      what a cell checks or asserts ("checks that ... within 0.15").
+    * The size of the data ("4,000 training digits", "359 test digits") may match an
+      output anywhere in the chapter: it is printed once, where the data are loaded.
+    * A ratio ("3.5 to 4 times as many", "four times sooner", "a factor of 7",
+      "sevenfold", "twice as large", "halves") is checked whatever its size, in digits
+      or in words: it is shown by a printed number equal to it at the prose's
+      precision (a word is a whole number: "four" is 3.5 <= x < 4.5; "twice",
+      "doubles" and "halves" are 2, and "halves" is also a printed 0.5), where a ratio
+      of 10 or less must be printed with a decimal point (4.2 or 4.0 shows "4 times";
+      a printed count 4 does not); or by the quotient of two numbers (not small whole
+      numbers) quoted in the same sentence ("grown sevenfold (row norm 3.99, against
+      0.58 at the start)").
+
+Not checked: math (``$...$``), code, roles and links; whole numbers from 0 to 10 that
+are not ratios (they mostly count things: "three layers", "Chapter 3"); years
+(1900-2030); a number right after "Chapter", "Table", "Figure", "Algorithm",
+"Section", "Part", "Eq." and the like.
+
+Numbers from elsewhere (a paper, an arithmetic fact) are listed in the notebook's
+metadata under ``bnbook.quoted_numbers``, with where they come from:
+``{"50,000": "Ioffe & Szegedy (2015), Sec. 4.1: steps"}``. An entry that the prose no
+longer contains is reported too, so the list cannot go stale.
+
+A flag names the number, the cell (index and first words), the cells whose outputs it
+was looked for in, and where the chapter does print it, if it does ("0.969 in cell 31
+(“The BN network…”): not in the outputs of cells 29-33; nearest printed nearby: 0.966
+in cell 30").
+
+Usage: ``python scripts/prose_numbers.py [--strict] book/05_faster_convergence.ipynb
+[...]``; exit status 1 if anything is flagged. ``tests/test_chapters.py`` runs it on
+every chapter.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # A number as prose writes it: 700, 50,000, 0.822, −0.012 (the sign is ignored).
@@ -51,18 +110,72 @@ PROSE_DIRECTIVES = {
     "topic", "dropdown",
 }
 METADATA_KEY = "quoted_numbers"
+RESTATE_ANY_OUTPUT = False
+# The mode of check_notebook and of the command line; True once every chapter passes
+# the strict check (then --loose gives the first version).
+STRICT_BY_DEFAULT = False
+NARROW_SIG, NARROW_CELLS = 0, 1
+
+# --- strict mode -------------------------------------------------------------------
+HEADING = re.compile(r"^(#{1,6})\s+(.*)$", re.M)
+SUMMARY_TITLE = re.compile(r"^\W*(?:summary|in summary|takeaways|key points)\b", re.I)
+EXERCISE_START = re.compile(r"^(?:`{3,}|:{3,})\{exercise\}", re.M)
+LABEL = re.compile(r"^\(([\w-]+)\)=\s*$", re.M)
+REFERENCE = re.compile(r"\{(?:ref|numref)\}`(?:[^`<]*<)?([\w-]+)>?`")
+SETTING_BEFORE = re.compile(
+    r"(?:\b(?:learning[ -]rates?|rates?|lr|batch(?:es)?(?: sizes?)?|mini-batch(?:es)?|"
+    r"momentum|weight decay|decay|seeds?|epsilon|eps|width|threshold|temperature|order|"
+    r"within)"
+    r"\s*(?:=|of|is|at)?\s*)$", re.I)
+SETTING_NOUNS = (
+    r"steps?|epochs?|iterations?|examples?|images?|digits?|units?|channels?|features?|"
+    r"seeds?|classes|batch(?:es)?|batch-mates|values|probabilities|updates|runs|"
+    r"repeats|trials|draws|samples|layers|pixels|elements|processes|ranks|orders|rows|"
+    r"rounds")
+# "700 steps", "4,000 training digits", "200 random batches", "the 60-batch stream"
+SETTING_AFTER = re.compile(
+    rf"(?:\s+(?:[a-z]+[ -]){{0,2}}|-)(?:{SETTING_NOUNS})\b", re.I)
+# "the 359 test digits": the size of the data, printed once where they are loaded
+DATA_SIZE = re.compile(
+    r"\s+(?:(?:training|test|validation|MNIST|real|probe)\s+)*"
+    r"(?:digits|examples|images|samples)\b")
+# "64-100-100-10": the widths of a network
+ARCHITECTURE = re.compile(r"\d+(?:\s*[-–]\s*\d+){2,}")
+# a sentence about what a cell checks: its thresholds are written in the code
+CHECK_WORDS = re.compile(r"\b(?:checks?|checked|asserts?|asserted|assertion)\b", re.I)
+COMPARATIVE = r"(?:as|the|its|their|apart|more|less|fewer|\w+er)\b"
+RATIO_AFTER = re.compile(
+    r"(?:\s*[-‐]?\s*fold\b|\s+times\s+" + COMPARATIVE
+    + r"|\s*(?:to|–|-)\s*\d+(?:\.\d+)?\s+times\s+" + COMPARATIVE + ")", re.I)
+RATIO_BEFORE = re.compile(
+    r"\bfactor of\s+(?:about\s+|roughly\s+|nearly\s+|almost\s+|some\s+|only\s+)?$",
+    re.I)
+WORD_VALUES = {
+    "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
+    "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "fifteen": 15, "twenty": 20,
+    "fifty": 50, "hundred": 100, "thousand": 1000,
+}
+_WORDS = "|".join(WORD_VALUES)
+RATIO_WORD = re.compile(
+    rf"\b(?:(?P<word>{_WORDS})(?:\s*[-‐]?\s*fold\b|\s+times\s+{COMPARATIVE})"
+    r"|factor of\s+(?:about\s+|roughly\s+|nearly\s+|almost\s+|some\s+)?"
+    rf"(?P<fword>{_WORDS})\b"
+    r"|(?P<two>twice\s+as|doubles|doubled|halves|halved|halve|half\s+as))", re.I)
 
 
 @dataclass(frozen=True)
 class Flag:
-    """A number in the prose that nothing in the chapter shows."""
+    """A number in the prose that nothing in the chapter (strict: beside it) shows."""
 
     path: str
     cell: int
     number: str
     context: str
+    where: str = ""
 
     def __str__(self) -> str:
+        if self.where:
+            return f"{self.path}: {self.where}\n    in “…{self.context}…”"
         return (f"{self.path}, Markdown cell {self.cell}: {self.number!r} "
                 f"in “…{self.context}…”")
 
@@ -112,32 +225,44 @@ def _numbers(text: str) -> list[float]:
     return found
 
 
+def _source(cell: dict) -> str:
+    src = cell.get("source", "")
+    return src if isinstance(src, str) else "".join(src)
+
+
+def _output_text(cell: dict) -> str:
+    texts = []
+    for out in cell.get("outputs", []):
+        texts.append(out.get("text", ""))
+        data = out.get("data", {})
+        texts += [v for k, v in data.items() if k.startswith("text/")]
+    return "\n".join(t if isinstance(t, str) else "".join(t) for t in texts)
+
+
 def shown_numbers(nb: dict) -> tuple[list[float], list[float]]:
     """(numbers printed in the outputs, numbers written in the code) of a notebook."""
     printed, written = [], []
     for cell in nb["cells"]:
         if cell["cell_type"] != "code":
             continue
-        written += _numbers("".join(cell["source"]))
-        for out in cell.get("outputs", []):
-            texts = [out.get("text", "")]
-            data = out.get("data", {})
-            texts += [v for k, v in data.items() if k.startswith("text/")]
-            for t in texts:
-                printed += _numbers("".join(t))
+        written += _numbers(_source(cell))
+        printed += _numbers(_output_text(cell))
     return printed, written
 
 
-def check_notebook(path: str | Path) -> list[Flag]:
-    path = Path(path)
-    nb = json.loads(path.read_text(encoding="utf-8"))
+def _half_ulp(frac: str) -> float:
+    return 0.5 * 10.0 ** -(len(frac) - 1 if frac else 0) + 1e-12
+
+
+def _check_loose(path: Path, nb: dict) -> list[Flag]:
+    """The first version: anywhere in the chapter's outputs or code."""
     quoted = nb.get("metadata", {}).get("bnbook", {}).get(METADATA_KEY, {})
     printed, written = shown_numbers(nb)
     flags, seen = [], set()
     for index, cell in enumerate(nb["cells"]):
         if cell["cell_type"] != "markdown":
             continue
-        text = prose_text("".join(cell["source"]))
+        text = prose_text(_source(cell))
         for m in PROSE_NUMBER.finditer(text):
             whole, frac = m.group(1), m.group(2) or ""
             token = m.group().lstrip("−-")
@@ -147,7 +272,7 @@ def check_notebook(path: str | Path) -> list[Flag]:
                 continue
             if NOT_A_QUANTITY_BEFORE.search(text[: m.start()]) or token in quoted:
                 continue
-            half_ulp = 0.5 * 10.0 ** -(len(frac) - 1 if frac else 0) + 1e-12
+            half_ulp = _half_ulp(frac)
             percent = PERCENT_AFTER.match(text, m.end()) is not None
             pool = printed + written
             if any(abs(x - value) <= half_ulp
@@ -155,18 +280,383 @@ def check_notebook(path: str | Path) -> list[Flag]:
                 continue
             context = " ".join(text[max(0, m.start() - 60): m.end() + 25].split())
             flags.append(Flag(str(path), index, token, context))
-    for token in quoted:
-        if token not in seen:
-            why = f"listed in metadata {METADATA_KEY} but not in the prose"
-            flags.append(Flag(str(path), -1, token, why))
+    flags += _stale_quoted(path, quoted, seen)
     return flags
 
 
-def main(paths: list[str]) -> int:
-    flags = [f for p in paths for f in check_notebook(p)]
+def _stale_quoted(path: Path, quoted: dict, seen: set[str]) -> list[Flag]:
+    why = f"listed in metadata {METADATA_KEY} but not in the prose"
+    return [Flag(str(path), -1, token, why,
+                 f"{token!r} is {why}: remove it from the notebook's metadata")
+            for token in quoted if token not in seen]
+
+
+# --- strict mode -------------------------------------------------------------------
+@dataclass
+class Segment:
+    """A piece of one Markdown cell's prose, inside one section."""
+
+    cell: int
+    text: str  # prose_text of the piece
+    section: int  # index into Chapter.sections
+    refs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    level: int  # 2..6 for headings, 7 for an exercise block, 1 for the introduction
+    title: str
+    first: int  # first cell
+    end: int = 10**9  # the cell that holds the heading closing it (exclusive for code)
+    summary: bool = False
+
+
+@dataclass
+class ProseNumber:
+    """One number the strict check looks at, with its verdict."""
+
+    cell: int
+    token: str  # as written: "0.82", "5,000", "four", "twice"
+    value: float
+    half_ulp: float
+    kind: str  # "number", "ratio" or "word"
+    start: int  # offset in the segment's text
+    segment: Segment
+    shown: bool = False
+
+
+class Chapter:
+    """The cells of a notebook, cut into sections, with the numbers each cell shows."""
+
+    def __init__(self, nb: dict):
+        self.cells = nb["cells"]
+        self.sections: list[Section] = [Section(1, "introduction", 0)]
+        self.segments: list[Segment] = []
+        self.labels: dict[str, int] = {}  # label -> section index, or -(cell + 1)
+        self.printed: dict[int, list[float]] = {}
+        self.written: dict[int, list[float]] = {}
+        self.decimals: dict[int, list[float]] = {}  # printed with a decimal point
+        self.constants: list[float] = []
+        self.code_cells = [i for i, c in enumerate(self.cells)
+                           if c["cell_type"] == "code"]
+        for i in self.code_cells:
+            cell = self.cells[i]
+            # "(7): Sigmoid()" in a module's repr is an index, not a result
+            shown = re.sub(r"^\s*\(\d+\):", " ", _output_text(cell), flags=re.M)
+            self.printed[i] = _numbers(shown)
+            self.decimals[i] = [abs(float(m.group())) for m in re.finditer(
+                r"(?<![\w.])\d+\.\d+(?:[eE][-+]?\d+)?", shown)]
+            source = _source(cell)
+            self.written[i] = _numbers(re.sub(r"#.*", " ", source))
+            constant = r"^([A-Z][A-Z0-9_]*(?:\s*,\s*[A-Z][A-Z0-9_]*)*)\s*=([^=\n].*)$"
+            for m in re.finditer(constant, source, flags=re.M):
+                self.constants += _numbers(re.sub(r"#.*", " ", m.group(2)))
+            figure = cell.get("metadata", {}).get("mystnb", {}).get("figure", {})
+            name = figure.get("name")
+            if name:
+                self.labels[name] = -(i + 1)
+            for m in re.finditer(r"#\|\s*(?:label|name):\s*([\w-]+)", source):
+                self.labels[m.group(1)] = -(i + 1)
+        self._cut()
+
+    def _open(self, level: int, title: str, cell: int) -> int:
+        for s in self.sections:  # close every open section at this level or deeper
+            if s.end == 10**9 and s.level >= level and s.level > 1:
+                s.end = cell
+        parent = self.sections[self._current()]
+        summary = (bool(SUMMARY_TITLE.match(title))
+                   or (parent.level > 1 and parent.summary))
+        self.sections.append(Section(level, title, cell, summary=summary))
+        return len(self.sections) - 1
+
+    def _current(self) -> int:
+        open_ = [k for k, s in enumerate(self.sections) if s.end == 10**9]
+        return max(open_, key=lambda k: (self.sections[k].level, k))
+
+    def _cut(self) -> None:
+        pending_labels: list[str] = []
+        for i, cell in enumerate(self.cells):
+            if cell["cell_type"] != "markdown":
+                continue
+            raw = _source(cell)
+            if EXERCISE_START.search(raw):
+                self._open(7, "exercise", i)
+            refs = REFERENCE.findall(raw)
+            text = prose_text(raw)
+            pieces = HEADING.split(text)  # [before, hashes, title, after, hashes, ...]
+            if pieces[0].strip():
+                self.segments.append(Segment(i, pieces[0], self._current(), refs))
+            labels_here = LABEL.findall(raw)
+            for k in range(1, len(pieces), 3):
+                hashes, title, after = pieces[k], pieces[k + 1], pieces[k + 2]
+                level = len(hashes)
+                if level == 1:
+                    continue
+                index = self._open(level, title, i)
+                for label in pending_labels + labels_here:
+                    self.labels.setdefault(label, index)
+                pending_labels, labels_here = [], []
+                self.segments.append(Segment(i, title + "\n" + after, index, refs))
+            pending_labels += labels_here
+
+    def section_cells(self, k: int) -> list[int]:
+        s = self.sections[k]
+        return [i for i in self.code_cells if s.first < i < s.end]
+
+    def is_restating(self, seg: Segment) -> bool:
+        s = self.sections[seg.section]
+        return s.level == 1 or s.summary
+
+    def neighbourhood(self, seg: Segment, tight: bool = False,
+                      narrow: bool = False) -> list[int]:
+        above = [i for i in self.code_cells if i < seg.cell]
+        below = [i for i in self.code_cells if i > seg.cell]
+        cells = set()
+        if not self.is_restating(seg):
+            cells.update(above[-1:] + below[:1])
+            if not tight:  # the settings of a cell are written in it or next to it
+                section = self.section_cells(seg.section)
+                if narrow:
+                    section = [i for i in section
+                               if i in above[-NARROW_CELLS:] + below[:NARROW_CELLS]]
+                cells.update(section)
+        for ref in seg.refs:
+            target = self.labels.get(ref)
+            if target is None:
+                continue
+            if target < 0:
+                cells.add(-target - 1)
+            else:
+                cells.update(self.section_cells(target))
+        return sorted(cells)
+
+
+def _first_words(cell: dict, n: int = 5) -> str:
+    words = prose_text(_source(cell)).replace("#", " ").split()
+    return " ".join(words[:n]) + ("…" if len(words) > n else "")
+
+
+def _ranges(cells: list[int]) -> str:
+    if not cells:
+        return "none"
+    parts, start, prev = [], cells[0], cells[0]
+    for c in cells[1:] + [None]:
+        if c is not None and c == prev + 1:
+            prev = c
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}–{prev}")
+        if c is not None:
+            start = prev = c
+    return ", ".join(parts)
+
+
+def _matches(x: float, value: float, half_ulp: float, percent: bool,
+             inverse: bool = False) -> bool:
+    if abs(x - value) <= half_ulp or (percent and abs(100 * x - value) <= half_ulp):
+        return True
+    return inverse and abs(x - 1 / value) <= 0.05  # "halves": a printed 0.5
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if abs(x) < 1e6 else f"{x:.3g}"
+
+
+def _prose_numbers(seg: Segment) -> list[ProseNumber]:
+    """The numbers of a segment that the strict check looks at."""
+    text, found = seg.text, []
+    for m in PROSE_NUMBER.finditer(text):
+        whole, frac = m.group(1), m.group(2) or ""
+        value = float(whole.replace(",", "") + frac)
+        before = text[: m.start()]
+        ratio = bool(RATIO_AFTER.match(text, m.end()) or RATIO_BEFORE.search(before))
+        if not frac and (1900 <= value <= 2030 or (value <= 10 and not ratio)):
+            continue
+        if NOT_A_QUANTITY_BEFORE.search(before):
+            continue
+        kind = "ratio" if ratio else "number"
+        found.append(ProseNumber(seg.cell, m.group().lstrip("−-"), value,
+                                 _half_ulp(frac), kind, m.start(), seg))
+    for m in RATIO_WORD.finditer(text):
+        word = m.group("word") or m.group("fword")
+        value = float(WORD_VALUES[word.lower()]) if word else 2.0
+        start = m.start("word") if m.group("word") else (
+            m.start("fword") if word else m.start("two"))
+        token = word or m.group("two")
+        found.append(
+            ProseNumber(seg.cell, token, value, 0.5 + 1e-12, "word", start, seg))
+    return found
+
+
+def _significant(token: str) -> int:
+    """Significant digits of a prose number: 3 for 0.822, 1 for 300, 2 for 4.0."""
+    digits = token.replace(",", "")
+    if "." not in digits:
+        digits = digits.rstrip("0") or "0"
+    return max(1, len(digits.replace(".", "").lstrip("0")))
+
+
+def _sentence(text: str, start: int, end: int) -> str:
+    """The sentence of text[start:end] (a full stop is one followed by a space)."""
+    stops = [m.end() for m in re.finditer(r"[.;!?](?=\s)|\n\s*\n", text[:start])]
+    after = re.search(r"[.;!?](?=\s|$)|\n\s*\n", text[end:])
+    return text[stops[-1] if stops else 0: end + after.start() if after else len(text)]
+
+
+def _is_setting(text: str, start: int, end: int) -> bool:
+    if SETTING_BEFORE.search(text[max(0, start - 40):start]):
+        return True
+    if SETTING_AFTER.match(text, end):
+        return True
+    for m in ARCHITECTURE.finditer(text[max(0, start - 40): end + 40]):
+        if m.start() <= start - max(0, start - 40) < m.end():
+            return True
+    return bool(CHECK_WORDS.search(_sentence(text, start, end)))
+
+
+def _judge(chapter: Chapter, n: ProseNumber, cell_numbers: list[float],
+           bound: list[ProseNumber] | None) -> tuple[bool, list[int], str]:
+    """(shown?, the cells looked in, where the chapter prints it otherwise).
+
+    ``bound``: the numbers of the body's prose that their own neighbourhood shows
+    (None on the first pass, which finds them).
+    """
+    seg, text = n.segment, n.segment.text
+    end = n.start + len(n.token)
+    percent = n.kind == "number" and PERCENT_AFTER.match(text, end) is not None
+    ratio = n.kind != "number"
+    inverse = n.kind == "word" and n.token.lower().startswith(("half", "halv"))
+    near = chapter.neighbourhood(
+        seg, narrow=n.kind == "number" and _significant(n.token) <= NARROW_SIG)
+    restating = chapter.is_restating(seg)
+    pool_cells = chapter.code_cells if restating and RESTATE_ANY_OUTPUT else near
+
+    def hit(xs):
+        return any(_matches(x, n.value, n.half_ulp, percent, inverse) for x in xs)
+
+    # a small ratio ("4 times", "four times") is shown by a printed 4.2 or 4.0, not
+    # by a printed count such as 4
+    small_ratio = ratio and n.value <= 10 and n.half_ulp >= 0.5
+    printed = chapter.decimals if small_ratio else chapter.printed
+    if any(hit(printed[i]) for i in pool_cells):
+        return True, near, ""
+    if n.kind == "number" and _is_setting(text, n.start, end):
+        beside = chapter.neighbourhood(seg, tight=True)
+        if any(hit(chapter.written[i]) for i in beside) or hit(chapter.constants):
+            return True, near, ""
+        if DATA_SIZE.match(text, end) and any(hit(chapter.printed[i])
+                                              for i in chapter.code_cells):
+            return True, near, ""
+    if ratio:
+        sentence = _sentence(text, n.start, end)
+        values = [v for m in PROSE_NUMBER.finditer(sentence)
+                  for v in [float(m.group(1).replace(",", "") + (m.group(2) or ""))]
+                  if (m.group(2) or v > 10) and m.group() != n.token]
+        qs = [a / b for a in values for b in values if 0 < b < a]
+        if hit(qs):
+            return True, near, ""
+    if bound is not None and not small_ratio and any(
+            b.kind == n.kind and b.token == n.token and b is not n for b in bound):
+        return True, near, ""  # quoted again: checked where it is bound
+    if bound is None:
+        return False, pool_cells, ""
+    # not shown: say where the chapter does print it, or what is printed nearby
+    elsewhere = [i for i in chapter.code_cells if hit(chapter.printed[i])]
+    if elsewhere:
+        hint = (f"it is printed in cell {_ranges(elsewhere[:3])}, outside this "
+                "section: refer to it with {ref}/{numref}, move the sentence, or "
+                "print it here")
+        return False, pool_cells, hint
+    best, best_cell = None, None
+    for i in pool_cells:
+        for x in chapter.printed[i]:
+            if x <= 0:
+                continue
+            scale = 100 if percent and x <= 1 else 1
+            d = abs(math.log(scale * x / n.value)) if n.value > 0 else abs(x)
+            if best is None or d < best[0]:
+                best, best_cell = (d, x), i
+    hint = (f"nearest printed nearby: {_fmt(best[1])} in cell {best_cell}"
+            if best else "nothing is printed nearby")
+    if n.kind == "number" and any(hit(chapter.written[i]) for i in near):
+        hint += "; it is written in the code nearby: if it is a setting, say so"
+    return False, pool_cells, hint
+
+
+def _cell_values(chapter: Chapter) -> dict[int, list[float]]:
+    per_cell: dict[int, list[float]] = {}
+    for seg in chapter.segments:
+        for m in PROSE_NUMBER.finditer(seg.text):
+            per_cell.setdefault(seg.cell, []).append(
+                float(m.group(1).replace(",", "") + (m.group(2) or "")))
+    return per_cell
+
+
+def strict_numbers(nb: dict) -> list[tuple[ProseNumber, bool, str, str]]:
+    """Every number the strict check looks at: (number, shown?, scope, hint).
+
+    A number quoted from a paper (metadata) is shown, with scope "metadata".
+    """
+    chapter = Chapter(nb)
+    quoted = nb.get("metadata", {}).get("bnbook", {}).get(METADATA_KEY, {})
+    per_cell = _cell_values(chapter)
+    numbers = [n for seg in chapter.segments for n in _prose_numbers(seg)]
+    bound = [n for n in numbers if not chapter.is_restating(n.segment)
+             and n.token not in quoted
+             and _judge(chapter, n, per_cell.get(n.cell, []), None)[0]]
+    result = []
+    for n in numbers:
+        if n.token in quoted:
+            result.append((n, True, "metadata", ""))
+            continue
+        shown, looked, hint = _judge(chapter, n, per_cell.get(n.cell, []), bound)
+        scope = ("any output of the chapter"
+                 if chapter.is_restating(n.segment) and RESTATE_ANY_OUTPUT
+                 else f"the outputs of cells {_ranges(looked)}")
+        result.append((n, shown, scope, hint))
+    return result
+
+
+def _check_strict(path: Path, nb: dict) -> list[Flag]:
+    quoted = nb.get("metadata", {}).get("bnbook", {}).get(METADATA_KEY, {})
+    flags, seen = [], set()
+    cells = nb["cells"]
+    for n, shown, scope, hint in strict_numbers(nb):
+        seen.add(n.token)
+        if shown:
+            continue
+        text = n.segment.text
+        context = " ".join(
+            text[max(0, n.start - 60): n.start + len(n.token) + 25].split())
+        what = "ratio " if n.kind != "number" else ""
+        where = (f"{what}{n.token} in cell {n.cell} (“{_first_words(cells[n.cell])}”): "
+                 f"not in {scope}; {hint}")
+        flags.append(Flag(str(path), n.cell, n.token, context, where))
+    for cell in cells:  # a quoted number may sit where the strict check does not look
+        if cell["cell_type"] == "markdown":
+            seen.update(m.group().lstrip("−-")
+                        for m in PROSE_NUMBER.finditer(prose_text(_source(cell))))
+    flags += _stale_quoted(path, quoted, seen)
+    return flags
+
+
+def check_notebook(path: str | Path, strict: bool | None = None) -> list[Flag]:
+    """The flags of one notebook; ``strict=None``: as ``STRICT_BY_DEFAULT`` says."""
+    path = Path(path)
+    strict = STRICT_BY_DEFAULT if strict is None else strict
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    return _check_strict(path, nb) if strict else _check_loose(path, nb)
+
+
+def main(argv: list[str]) -> int:
+    strict = "--strict" in argv or (STRICT_BY_DEFAULT and "--loose" not in argv)
+    paths = [a for a in argv if a not in ("--strict", "--loose")]
+    flags = [f for p in paths for f in check_notebook(p, strict=strict)]
     for f in flags:
         print(f)
-    print(f"{len(flags)} number(s) in the prose that no cell shows", file=sys.stderr)
+    note = (" beside them" if strict else
+            " (--strict: the check bound to the cells beside each number)")
+    print(f"{len(flags)} number(s) in the prose that no cell shows{note}",
+          file=sys.stderr)
     return 1 if flags else 0
 
 
