@@ -27,10 +27,12 @@ Strict mode: where a number must be shown
       figure's ``name``).
 
     A number the body's prose quotes where its neighbourhood shows it may be quoted
-    again anywhere (the same token: "0.82" again, not "0.8"): it is checked where it
-    is bound. The introduction (before the first level-2 heading) and the "Summary"
-    have only this rule, the nearest code cells and their {ref}s: a summary bullet
-    that quotes a number the body does not quote refers to its section.
+    again anywhere (the same token: "0.82" again, not "0.8"; not a ratio of 10 or
+    less): it is checked where it is bound. The introduction (before the first
+    level-2 heading) and the "Summary" restate results from everywhere: they have
+    no section of their own, and the Summary not even the code cells beside it (they
+    belong to the last section), so a summary bullet that quotes a number the body
+    does not quote refers to its section with {ref}.
 
 Strict mode: what counts as shown
     * A printed number, to the precision the prose gives it: prose "0.82" matches a
@@ -110,11 +112,9 @@ PROSE_DIRECTIVES = {
     "topic", "dropdown",
 }
 METADATA_KEY = "quoted_numbers"
-RESTATE_ANY_OUTPUT = False
 # The mode of check_notebook and of the command line; True once every chapter passes
 # the strict check (then --loose gives the first version).
 STRICT_BY_DEFAULT = False
-NARROW_SIG, NARROW_CELLS = 0, 1
 
 # --- strict mode -------------------------------------------------------------------
 HEADING = re.compile(r"^(#{1,6})\s+(.*)$", re.M)
@@ -407,19 +407,15 @@ class Chapter:
         s = self.sections[seg.section]
         return s.level == 1 or s.summary
 
-    def neighbourhood(self, seg: Segment, tight: bool = False,
-                      narrow: bool = False) -> list[int]:
+    def neighbourhood(self, seg: Segment, tight: bool = False) -> list[int]:
         above = [i for i in self.code_cells if i < seg.cell]
         below = [i for i in self.code_cells if i > seg.cell]
         cells = set()
-        if not self.is_restating(seg):
+        if not self.sections[seg.section].summary:
             cells.update(above[-1:] + below[:1])
-            if not tight:  # the settings of a cell are written in it or next to it
-                section = self.section_cells(seg.section)
-                if narrow:
-                    section = [i for i in section
-                               if i in above[-NARROW_CELLS:] + below[:NARROW_CELLS]]
-                cells.update(section)
+            # the settings of a cell are written in it or next to it (tight)
+            if not tight and not self.is_restating(seg):
+                cells.update(self.section_cells(seg.section))
         for ref in seg.refs:
             target = self.labels.get(ref)
             if target is None:
@@ -487,14 +483,6 @@ def _prose_numbers(seg: Segment) -> list[ProseNumber]:
     return found
 
 
-def _significant(token: str) -> int:
-    """Significant digits of a prose number: 3 for 0.822, 1 for 300, 2 for 4.0."""
-    digits = token.replace(",", "")
-    if "." not in digits:
-        digits = digits.rstrip("0") or "0"
-    return max(1, len(digits.replace(".", "").lstrip("0")))
-
-
 def _sentence(text: str, start: int, end: int) -> str:
     """The sentence of text[start:end] (a full stop is one followed by a space)."""
     stops = [m.end() for m in re.finditer(r"[.;!?](?=\s)|\n\s*\n", text[:start])]
@@ -525,10 +513,8 @@ def _judge(chapter: Chapter, n: ProseNumber, cell_numbers: list[float],
     percent = n.kind == "number" and PERCENT_AFTER.match(text, end) is not None
     ratio = n.kind != "number"
     inverse = n.kind == "word" and n.token.lower().startswith(("half", "halv"))
-    near = chapter.neighbourhood(
-        seg, narrow=n.kind == "number" and _significant(n.token) <= NARROW_SIG)
-    restating = chapter.is_restating(seg)
-    pool_cells = chapter.code_cells if restating and RESTATE_ANY_OUTPUT else near
+    near = chapter.neighbourhood(seg)
+    pool_cells = near
 
     def hit(xs):
         return any(_matches(x, n.value, n.half_ulp, percent, inverse) for x in xs)
@@ -609,9 +595,7 @@ def strict_numbers(nb: dict) -> list[tuple[ProseNumber, bool, str, str]]:
             result.append((n, True, "metadata", ""))
             continue
         shown, looked, hint = _judge(chapter, n, per_cell.get(n.cell, []), bound)
-        scope = ("any output of the chapter"
-                 if chapter.is_restating(n.segment) and RESTATE_ANY_OUTPUT
-                 else f"the outputs of cells {_ranges(looked)}")
+        scope = f"the outputs of cells {_ranges(looked)}"
         result.append((n, shown, scope, hint))
     return result
 
