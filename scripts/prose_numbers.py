@@ -160,7 +160,9 @@ RATIO_WORD = re.compile(
     rf"\b(?:(?P<word>{_WORDS})(?:\s*[-‐]?\s*fold\b|\s+times\s+{COMPARATIVE})"
     r"|factor of\s+(?:about\s+|roughly\s+|nearly\s+|almost\s+|some\s+)?"
     rf"(?P<fword>{_WORDS})\b"
-    r"|(?P<two>twice\s+as|doubles|doubled|halves|halved|halve|half\s+as))", re.I)
+    r"|(?<!both )(?<!two )(?<!the )(?<!its )"  # "both halves" is a noun
+    r"(?P<two>twice\s+as|doubles|doubled|halves(?!\s+every)|halved|halve|half\s+as))",
+    re.I)  # "halves every 6.6 batches" is a half-life
 
 
 @dataclass(frozen=True)
@@ -595,7 +597,8 @@ def strict_numbers(nb: dict) -> list[tuple[ProseNumber, bool, str, str]]:
             result.append((n, True, "metadata", ""))
             continue
         shown, looked, hint = _judge(chapter, n, per_cell.get(n.cell, []), bound)
-        scope = f"the outputs of cells {_ranges(looked)}"
+        scope = (f"the outputs of cells {_ranges(looked)}" if looked else
+                 "a section it refers to with {ref}, nor quoted in the body")
         result.append((n, shown, scope, hint))
     return result
 

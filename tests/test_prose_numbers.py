@@ -24,6 +24,7 @@ CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
 SEED = 16
 NUMBER_PLANTS_PER_CHAPTER = 1
 RATIO_PLANTS = 7  # ratios in digits or in words, over all chapters
+CATCH_GOAL = 0.9  # issue 16: at least 9 in 10 planted stale numbers flagged
 
 # --- the evaluation: stale numbers planted in copies of the chapters ----------------
 
@@ -114,7 +115,7 @@ def test_at_least_nine_in_ten_planted_stale_numbers_are_flagged(tmp_path):
     assert total >= 10 and len({c[0] for c in caught + missed}) >= 5, (
         f"only {total} plants could be made: the evaluation needs at least 10 over "
         "several chapters")
-    assert len(caught) >= 0.9 * total, (
+    assert len(caught) >= CATCH_GOAL * total, (
         f"{len(caught)} of {total} planted stale numbers flagged; missed:\n"
         + "\n".join(f"  {ch}, cell {cell}: {old} -> {new}"
                     for ch, cell, old, new, _ in missed))
@@ -265,10 +266,12 @@ def test_a_flag_names_the_number_the_cell_and_where_it_is_printed(tmp_path):
     assert "nearest printed nearby: 0.969 in cell 11" in str(flag)
 
 
-def test_the_default_mode_is_still_the_first_version(tmp_path):
+def test_the_loose_mode_is_the_first_version(tmp_path):
     cells = [_md("## A"), _code("", "0.966"), *FILLER, _md("## B"), *FILLER,
              _md("It reaches 0.966.")]
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps({"metadata": {}, "cells": cells}))
-    assert pn.check_notebook(path) == []
+    assert pn.check_notebook(path, strict=False) == []
     assert [f.number for f in pn.check_notebook(path, strict=True)] == ["0.966"]
+    default = pn.check_notebook(path)  # pn.STRICT_BY_DEFAULT picks the mode
+    assert len(default) == (1 if pn.STRICT_BY_DEFAULT else 0)
