@@ -384,12 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", default=None, help="where to write the results as JSON "
-                   "(default: bench-<device>.json)")
+                   "(default: book/data/bench-<device>.json, where the book reads it, "
+                   "if book/data exists here; else bench-<device>.json)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (for tests)")
     args = p.parse_args(argv)
     meta, results = run(args.rounds, args.threads, args.device, args.quick)
     print(format_table(meta, results))
-    path = args.json or f"bench-{args.device}.json"
+    book_data = "book/data" if os.path.isdir("book/data") and not args.quick else "."
+    path = args.json or os.path.join(book_data, f"bench-{args.device}.json")
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=2)
     print(f"\nwrote {path}")
