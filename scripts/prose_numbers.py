@@ -15,8 +15,10 @@ chapter passes the strict mode.
 Strict mode: where a number must be shown
     The *neighbourhood* of a piece of prose is the outputs of
 
-    * the code cells of its section: a Markdown heading of level 2 or deeper runs to the
-      next heading of the same or a higher level, and the prose belongs to the
+    * the code cells of its section (not for a number of one significant digit,
+      such as 0.1 or 30, which a section prints all over): a Markdown heading of
+      level 2 or deeper runs to the next heading of the same or a higher level, and
+      the prose belongs to the
       innermost section around it (a cell that holds a heading is split there); an
       ``{exercise}`` block, with its solution, is a section of its own inside
       "Exercises";
@@ -347,7 +349,7 @@ class Chapter:
             shown = re.sub(r"^\s*\(\d+\):", " ", _output_text(cell), flags=re.M)
             self.printed[i] = _numbers(shown)
             self.decimals[i] = [abs(float(m.group())) for m in re.finditer(
-                r"(?<![\w.])\d+\.\d+(?:[eE][-+]?\d+)?", shown)]
+                r"(?<![\w.])(?:\d+\.\d+(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+)", shown)]
             source = _source(cell)
             self.written[i] = _numbers(re.sub(r"#.*", " ", source))
             constant = r"^([A-Z][A-Z0-9_]*(?:\s*,\s*[A-Z][A-Z0-9_]*)*)\s*=([^=\n].*)$"
@@ -409,14 +411,15 @@ class Chapter:
         s = self.sections[seg.section]
         return s.level == 1 or s.summary
 
-    def neighbourhood(self, seg: Segment, tight: bool = False) -> list[int]:
+    def neighbourhood(self, seg: Segment, tight: bool = False,
+                      narrow: bool = False) -> list[int]:
         above = [i for i in self.code_cells if i < seg.cell]
         below = [i for i in self.code_cells if i > seg.cell]
         cells = set()
         if not self.sections[seg.section].summary:
             cells.update(above[-1:] + below[:1])
             # the settings of a cell are written in it or next to it (tight)
-            if not tight and not self.is_restating(seg):
+            if not tight and not narrow and not self.is_restating(seg):
                 cells.update(self.section_cells(seg.section))
         for ref in seg.refs:
             target = self.labels.get(ref)
@@ -485,6 +488,16 @@ def _prose_numbers(seg: Segment) -> list[ProseNumber]:
     return found
 
 
+def _significant(token: str) -> int:
+    """Significant digits of a prose number: 3 for 0.822, 1 for 300 or 0.1."""
+    digits = token.replace(",", "")
+    if not any(c.isdigit() for c in digits):
+        return 1
+    if "." not in digits:
+        digits = digits.rstrip("0") or "0"
+    return max(1, len(digits.replace(".", "").lstrip("0")))
+
+
 def _sentence(text: str, start: int, end: int) -> str:
     """The sentence of text[start:end] (a full stop is one followed by a space)."""
     stops = [m.end() for m in re.finditer(r"[.;!?](?=\s)|\n\s*\n", text[:start])]
@@ -515,7 +528,10 @@ def _judge(chapter: Chapter, n: ProseNumber, cell_numbers: list[float],
     percent = n.kind == "number" and PERCENT_AFTER.match(text, end) is not None
     ratio = n.kind != "number"
     inverse = n.kind == "word" and n.token.lower().startswith(("half", "halv"))
-    near = chapter.neighbourhood(seg)
+    # a number of one significant digit (0.1, 30) is printed all over a section:
+    # only the code cells beside the prose show it
+    near = chapter.neighbourhood(
+        seg, narrow=n.kind == "number" and _significant(n.token) == 1)
     pool_cells = near
 
     def hit(xs):
@@ -524,7 +540,11 @@ def _judge(chapter: Chapter, n: ProseNumber, cell_numbers: list[float],
     # a small ratio ("4 times", "four times") is shown by a printed 4.2 or 4.0, not
     # by a printed count such as 4
     small_ratio = ratio and n.value <= 10 and n.half_ulp >= 0.5
-    printed = chapter.decimals if small_ratio else chapter.printed
+    # likewise a number the prose writes with decimals ("6.0", "0.54") is shown by
+    # a number printed with a decimal point (or an exponent), not by a count
+    decimal = n.kind != "word" and "." in n.token
+    printed = (chapter.decimals if small_ratio or decimal or (ratio and n.value <= 10)
+               else chapter.printed)
     if any(hit(printed[i]) for i in pool_cells):
         return True, near, ""
     if n.kind == "number" and _is_setting(text, n.start, end):
