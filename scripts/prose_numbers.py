@@ -163,7 +163,7 @@ RATIO_WORD = re.compile(
     r"|factor of\s+(?:about\s+|roughly\s+|nearly\s+|almost\s+|some\s+)?"
     rf"(?P<fword>{_WORDS})\b"
     r"|(?<!both )(?<!two )(?<!the )(?<!its )"  # "both halves" is a noun
-    r"(?P<two>twice\s+as|doubles|doubled|halves(?!\s+every)|halved|halve|half\s+as))",
+    r"(?P<two>twice\s+as|doubles|doubled|halves(?!\s+every)|halved|halve|half\s+as)\b)",
     re.I)  # "halves every 6.6 batches" is a half-life
 
 
