@@ -5,12 +5,19 @@ numbers are typed by hand, so a change to a chapter that moves its outputs can l
 the prose saying something the cells no longer show. This checker reads a notebook and
 flags every number in its Markdown cells that is not shown where the prose stands.
 
-Two modes. The *strict* mode (``--strict``; ``check_notebook(path, strict=True)``)
-binds each number to the cells next to it; it is the one to satisfy. The default mode
-is the first version's: a number passes if it appears anywhere in the chapter's outputs
-or code (in a long chapter a stale number usually matches something else, so it lets
-about one planted stale number in five through); it stays the default only until every
-chapter passes the strict mode.
+The check (the default) has two parts:
+
+* the *strict* check binds each number to the cells next to it (below: where a number
+  must be shown, and what counts as shown);
+* the *lock* (``book/data/prose-bindings.json``) records, for each number, what the
+  strict check bound it to when a writer last accepted it (``--bind``), and flags
+  what has changed since: the strict check alone lets a stale number through where
+  the section happens to print the stale value too ("0.966" edited to "0.969" beside
+  a printed 0.969), the lock does not (below: the lock).
+
+``--strict`` runs the strict check alone. ``--loose`` is the first version: a number
+passes if it appears anywhere in the chapter's outputs or code (it lets about one
+planted stale number in four through).
 
 Strict mode: where a number must be shown
     The *neighbourhood* of a piece of prose is the outputs of
@@ -82,17 +89,53 @@ was looked for in, and where the chapter does print it, if it does ("0.969 in ce
 (“The BN network…”): not in the outputs of cells 29-33; nearest printed nearby: 0.966
 in cell 30").
 
-Usage: ``python scripts/prose_numbers.py [--strict] book/05_faster_convergence.ipynb
-[...]``; exit status 1 if anything is flagged. ``tests/test_chapters.py`` runs it on
-every chapter.
+The lock: each number's recorded binding
+    ``--bind`` runs the strict check on a chapter and, if it flags nothing, records
+    under the chapter's key (its file name without ``.ipynb``) one line per number of
+    the prose: the Markdown cell's id, the number as written and its occurrence in the
+    cell (0 for the first "0.82" of the cell, 1 for a second one), and what shows it
+    (``bound``): a token ``printed`` ``by`` a code cell (its id; ``at``: its place
+    among the numbers the cell prints, ``of`` them, ``count``: how many of those are
+    that token), a ``setting in code`` written by a cell, the ``quoted_numbers
+    metadata``, a ``re-quote`` of the number bound ``by`` another Markdown cell, or a
+    ``quotient`` of two numbers of its sentence. If the strict check flags anything,
+    nothing of that chapter is recorded (exit status 1). Re-binding an unchanged
+    chapter leaves the file as it was, byte for byte; it lists what it changed.
+
+    The check then also flags, with the command that accepts it:
+
+    * a number with no recorded binding (new or edited prose): "0.969 in cell 31
+      (“The BN network…”) has no recorded binding: it is new or changed; the lock
+      records 0.966 here, bound to 0.966 printed by cell 30, which the prose no longer
+      has. The strict check binds it to 0.969 printed by cell 33: check it against the
+      output it quotes, then run `python scripts/prose_numbers.py --bind
+      book/08_convolutional.ipynb`";
+    * a binding that no longer holds (a re-run moved the output; a setting changed):
+      "0.966 in cell 31 (…) was bound to 0.966 printed by cell 30, which now prints
+      0.969 in its place: re-read what the sentence quotes; fix the prose if it no
+      longer says what the output shows, then run `... --bind ...`". A printed
+      binding holds while the cell prints the token in its place; where the output
+      has more or fewer numbers than before, while it prints the token as often;
+    * a recorded number that the prose no longer has (so the file cannot rot), and a
+      chapter with nothing recorded.
+
+    A number the strict check flags gets that flag only. Cells are found by their
+    ids, so inserting or moving cells does not disturb the bindings.
+
+Usage: ``python scripts/prose_numbers.py [--strict | --loose | --bind]
+[book/05_faster_convergence.ipynb ...]`` (no notebook: every chapter); exit status 1
+if anything is flagged (or, with ``--bind``, left unrecorded).
+``tests/test_chapters.py`` runs the check on every chapter.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,9 +157,9 @@ PROSE_DIRECTIVES = {
     "topic", "dropdown",
 }
 METADATA_KEY = "quoted_numbers"
-# The mode of check_notebook and of the command line; True once every chapter passes
-# the strict check (then --loose gives the first version).
-STRICT_BY_DEFAULT = False
+# The mode of check_notebook and of the command line: the strict check and the lock
+# (--loose gives the first version).
+STRICT_BY_DEFAULT = True
 
 # --- strict mode -------------------------------------------------------------------
 HEADING = re.compile(r"^(#{1,6})\s+(.*)$", re.M)
@@ -179,6 +222,8 @@ class Flag:
 
     def __str__(self) -> str:
         if self.where:
+            if not self.context:
+                return f"{self.path}: {self.where}"
             return f"{self.path}: {self.where}\n    in “…{self.context}…”"
         return (f"{self.path}, Markdown cell {self.cell}: {self.number!r} "
                 f"in “…{self.context}…”")
@@ -216,17 +261,23 @@ def prose_text(markdown: str) -> str:
     return re.sub(r"https?://\S+", " ", md)
 
 
-def _numbers(text: str) -> list[float]:
+def _number_tokens(text: str) -> list[tuple[str, float]]:
+    """(token, value) of each number in code or an output, in the order found."""
     text = text.replace("_", "")
     found = []
     for m in CODE_NUMBER.finditer(text):
         try:
-            found.append(abs(float(m.group())))
+            found.append((m.group(), abs(float(m.group()))))
         except ValueError:
             pass
     # "20,332" printed with a thousands separator is also the number 20332
-    found += [float(m.group().replace(",", "")) for m in GROUPED_NUMBER.finditer(text)]
+    found += [(m.group(), float(m.group().replace(",", "")))
+              for m in GROUPED_NUMBER.finditer(text)]
     return found
+
+
+def _numbers(text: str) -> list[float]:
+    return [value for _, value in _number_tokens(text)]
 
 
 def _source(cell: dict) -> str:
@@ -327,6 +378,9 @@ class ProseNumber:
     start: int  # offset in the segment's text
     segment: Segment
     shown: bool = False
+    # what shows it (strict_numbers fills it in): {"bound": "printed", "by": cell,
+    # "token": "0.9661", "at": 3}, {"bound": "setting in code", ...}, ...
+    binding: dict | None = None
 
 
 class Chapter:
@@ -341,20 +395,28 @@ class Chapter:
         self.written: dict[int, list[float]] = {}
         self.decimals: dict[int, list[float]] = {}  # printed with a decimal point
         self.constants: list[float] = []
+        # the same numbers with their tokens, for the recorded bindings
+        self.printed_tokens: dict[int, list[tuple[str, float]]] = {}
+        self.written_tokens: dict[int, list[tuple[str, float]]] = {}
+        self.constant_tokens: list[tuple[int, str, float]] = []
         self.code_cells = [i for i, c in enumerate(self.cells)
                            if c["cell_type"] == "code"]
         for i in self.code_cells:
             cell = self.cells[i]
             # "(7): Sigmoid()" in a module's repr is an index, not a result
             shown = re.sub(r"^\s*\(\d+\):", " ", _output_text(cell), flags=re.M)
-            self.printed[i] = _numbers(shown)
+            self.printed_tokens[i] = _number_tokens(shown)
+            self.printed[i] = [v for _, v in self.printed_tokens[i]]
             self.decimals[i] = [abs(float(m.group())) for m in re.finditer(
                 r"(?<![\w.])(?:\d+\.\d+(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+)", shown)]
             source = _source(cell)
-            self.written[i] = _numbers(re.sub(r"#.*", " ", source))
+            self.written_tokens[i] = _number_tokens(re.sub(r"#.*", " ", source))
+            self.written[i] = [v for _, v in self.written_tokens[i]]
             constant = r"^([A-Z][A-Z0-9_]*(?:\s*,\s*[A-Z][A-Z0-9_]*)*)\s*=([^=\n].*)$"
             for m in re.finditer(constant, source, flags=re.M):
-                self.constants += _numbers(re.sub(r"#.*", " ", m.group(2)))
+                tokens = _number_tokens(re.sub(r"#.*", " ", m.group(2)))
+                self.constants += [v for _, v in tokens]
+                self.constant_tokens += [(i, t, v) for t, v in tokens]
             figure = cell.get("metadata", {}).get("mystnb", {}).get("figure", {})
             name = figure.get("name")
             if name:
@@ -516,12 +578,26 @@ def _is_setting(text: str, start: int, end: int) -> bool:
     return bool(CHECK_WORDS.search(_sentence(text, start, end)))
 
 
+DECIMAL_TOKEN = re.compile(r"\d+\.\d+(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+")
+
+
+def _printed_by(chapter: Chapter, cells: list[int], hit, decimal: bool) -> dict | None:
+    """The first printed token of ``cells`` (in that order) that shows a number."""
+    for i in cells:
+        for k, (token, value) in enumerate(chapter.printed_tokens[i]):
+            if hit([value]) and (not decimal or DECIMAL_TOKEN.fullmatch(token)):
+                return {"bound": "printed", "by": i, "token": token, "at": k}
+    return None
+
+
 def _judge(chapter: Chapter, n: ProseNumber, cell_numbers: list[float],
-           bound: list[ProseNumber] | None) -> tuple[bool, list[int], str]:
-    """(shown?, the cells looked in, where the chapter prints it otherwise).
+           bound: list[ProseNumber] | None
+           ) -> tuple[bool, list[int], str, dict | None]:
+    """(shown?, the cells looked in, where the chapter prints it otherwise, binding).
 
     ``bound``: the numbers of the body's prose that their own neighbourhood shows
-    (None on the first pass, which finds them).
+    (None on the first pass, which finds them). ``binding``: what shows the number
+    (the nearest cell first, the one above on a tie), None if nothing does.
     """
     seg, text = n.segment, n.segment.text
     end = n.start + len(n.token)
@@ -543,37 +619,51 @@ def _judge(chapter: Chapter, n: ProseNumber, cell_numbers: list[float],
     # likewise a number the prose writes with decimals ("6.0", "0.54") is shown by
     # a number printed with a decimal point (or an exponent), not by a count
     decimal = n.kind != "word" and "." in n.token
-    printed = (chapter.decimals if small_ratio or decimal or (ratio and n.value <= 10)
-               else chapter.printed)
+    use_decimals = small_ratio or decimal or (ratio and n.value <= 10)
+    printed = chapter.decimals if use_decimals else chapter.printed
+
+    def nearest_first(cells):
+        return sorted(cells, key=lambda i: (abs(i - n.cell), i > n.cell))
+
     if any(hit(printed[i]) for i in pool_cells):
-        return True, near, ""
+        order = nearest_first(pool_cells)
+        return True, near, "", (_printed_by(chapter, order, hit, use_decimals)
+                                or _printed_by(chapter, order, hit, False))
     if n.kind == "number" and _is_setting(text, n.start, end):
         beside = chapter.neighbourhood(seg, tight=True)
         if any(hit(chapter.written[i]) for i in beside) or hit(chapter.constants):
-            return True, near, ""
+            written = [(i, t, v) for i in nearest_first(beside)
+                       for t, v in chapter.written_tokens[i]] + chapter.constant_tokens
+            i, token = next((i, t) for i, t, v in written if hit([v]))
+            return True, near, "", {"bound": "setting in code", "by": i, "token": token}
         if DATA_SIZE.match(text, end) and any(hit(chapter.printed[i])
                                               for i in chapter.code_cells):
-            return True, near, ""
+            return True, near, "", _printed_by(
+                chapter, nearest_first(chapter.code_cells), hit, False)
     if ratio:
         sentence = _sentence(text, n.start, end)
-        values = [v for m in PROSE_NUMBER.finditer(sentence)
+        values = [(m.group().lstrip("−-"), v) for m in PROSE_NUMBER.finditer(sentence)
                   for v in [float(m.group(1).replace(",", "") + (m.group(2) or ""))]
                   if (m.group(2) or v > 10) and m.group() != n.token]
-        qs = [a / b for a in values for b in values if 0 < b < a]
-        if hit(qs):
-            return True, near, ""
-    if bound is not None and not small_ratio and any(
-            b.kind == n.kind and b.token == n.token and b is not n for b in bound):
-        return True, near, ""  # quoted again: checked where it is bound
+        qs = [(f"{ta} / {tb}", a / b) for ta, a in values for tb, b in values
+              if 0 < b < a]
+        if hit([q for _, q in qs]):
+            token = next(t for t, q in qs if hit([q]))
+            return True, near, "", {"bound": "quotient", "token": token}
+    if bound is not None and not small_ratio:
+        again = [b for b in bound if b.kind == n.kind and b.token == n.token
+                 and b is not n]
+        if again:  # quoted again: checked where it is bound
+            return True, near, "", {"bound": "re-quote", "by": again[0].cell}
     if bound is None:
-        return False, pool_cells, ""
+        return False, pool_cells, "", None
     # not shown: say where the chapter does print it, or what is printed nearby
     elsewhere = [i for i in chapter.code_cells if hit(chapter.printed[i])]
     if elsewhere:
         hint = (f"it is printed in cell {_ranges(elsewhere[:3])}, outside this "
                 "section: refer to it with {ref}/{numref}, move the sentence, or "
                 "print it here")
-        return False, pool_cells, hint
+        return False, pool_cells, hint, None
     best, best_cell = None, None
     for i in pool_cells:
         for x in chapter.printed[i]:
@@ -587,7 +677,7 @@ def _judge(chapter: Chapter, n: ProseNumber, cell_numbers: list[float],
             if best else "nothing is printed nearby")
     if n.kind == "number" and any(hit(chapter.written[i]) for i in near):
         hint += "; it is written in the code nearby: if it is a setting, say so"
-    return False, pool_cells, hint
+    return False, pool_cells, hint, None
 
 
 def _cell_values(chapter: Chapter) -> dict[int, list[float]]:
@@ -602,8 +692,13 @@ def _cell_values(chapter: Chapter) -> dict[int, list[float]]:
 def strict_numbers(nb: dict) -> list[tuple[ProseNumber, bool, str, str]]:
     """Every number the strict check looks at: (number, shown?, scope, hint).
 
-    A number quoted from a paper (metadata) is shown, with scope "metadata".
+    A number quoted from a paper (metadata) is shown, with scope "metadata". What
+    shows a number is in its ``binding``.
     """
+    return _strict(nb)[1]
+
+
+def _strict(nb: dict) -> tuple[Chapter, list[tuple[ProseNumber, bool, str, str]]]:
     chapter = Chapter(nb)
     quoted = nb.get("metadata", {}).get("bnbook", {}).get(METADATA_KEY, {})
     per_cell = _cell_values(chapter)
@@ -614,20 +709,23 @@ def strict_numbers(nb: dict) -> list[tuple[ProseNumber, bool, str, str]]:
     result = []
     for n in numbers:
         if n.token in quoted:
+            n.shown, n.binding = True, {"bound": "quoted_numbers metadata"}
             result.append((n, True, "metadata", ""))
             continue
-        shown, looked, hint = _judge(chapter, n, per_cell.get(n.cell, []), bound)
+        shown, looked, hint, n.binding = _judge(
+            chapter, n, per_cell.get(n.cell, []), bound)
+        n.shown = shown
         scope = (f"the outputs of cells {_ranges(looked)}" if looked else
                  "a section it refers to with {ref}, nor quoted in the body")
         result.append((n, shown, scope, hint))
-    return result
+    return chapter, result
 
 
-def _check_strict(path: Path, nb: dict) -> list[Flag]:
+def _check_strict(path: Path, nb: dict, results: list | None = None) -> list[Flag]:
     quoted = nb.get("metadata", {}).get("bnbook", {}).get(METADATA_KEY, {})
     flags, seen = [], set()
     cells = nb["cells"]
-    for n, shown, scope, hint in strict_numbers(nb):
+    for n, shown, scope, hint in strict_numbers(nb) if results is None else results:
         seen.add(n.token)
         if shown:
             continue
@@ -646,22 +744,296 @@ def _check_strict(path: Path, nb: dict) -> list[Flag]:
     return flags
 
 
-def check_notebook(path: str | Path, strict: bool | None = None) -> list[Flag]:
-    """The flags of one notebook; ``strict=None``: as ``STRICT_BY_DEFAULT`` says."""
+# --- the lock: the recorded binding of each prose number -----------------------------
+LOCK = Path("data") / "prose-bindings.json"  # beside the chapters: book/data/...
+CHAPTERS = sorted((Path(__file__).resolve().parent.parent / "book")
+                  .glob("[0-9][0-9]_*.ipynb"))
+
+
+def lock_file(path: str | Path) -> Path:
+    """The file that records a chapter's bindings: ``data/prose-bindings.json``."""
+    return Path(path).parent / LOCK
+
+
+def _load(file: Path) -> dict:
+    return json.loads(file.read_text(encoding="utf-8")) if file.exists() else {}
+
+
+def _dump(data: dict) -> str:
+    """One chapter per key, sorted; one prose number per line, in the prose's order."""
+    parts = []
+    for key in sorted(data):
+        lines = ",\n".join("  " + json.dumps(e, sort_keys=True, ensure_ascii=False)
+                           for e in data[key])
+        parts.append(f" {json.dumps(key)}: [\n{lines}\n ]" if lines
+                     else f" {json.dumps(key)}: []")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+def _cell_id(cell: dict, index: int) -> str:
+    return cell.get("id") or f"index-{index}"  # nbformat >= 4.5 gives every cell an id
+
+
+def _keyed(results: list) -> list[tuple[tuple[int, str, int], ProseNumber, bool]]:
+    """((cell, token, occurrence of the token in the cell), number, shown?)."""
+    seen: Counter = Counter()
+    keyed = []
+    for n, shown, _, _ in results:
+        keyed.append(((n.cell, n.token, seen[n.cell, n.token]), n, shown))
+        seen[n.cell, n.token] += 1
+    return keyed
+
+
+def _entry(chapter: Chapter, ids: list[str], n: ProseNumber, occurrence: int) -> dict:
+    b = n.binding or {"bound": "shown"}
+    entry = {"cell": ids[n.cell], "number": n.token, "occurrence": occurrence,
+             "bound": b["bound"]}
+    if "by" in b:
+        entry["by"] = ids[b["by"]]
+    if "token" in b:
+        entry["token"] = b["token"]
+    if b["bound"] == "printed":
+        tokens = [t for t, _ in chapter.printed_tokens[b["by"]]]
+        # its place among the numbers the cell prints, how many those are, and how
+        # often the token is one of them
+        entry["at"], entry["of"] = b["at"], len(tokens)
+        entry["count"] = tokens.count(b["token"])
+    return entry
+
+
+def bindings(nb: dict) -> list[dict]:
+    """What shows each number of the prose, as ``--bind`` records it."""
+    chapter, results = _strict(nb)
+    ids = [_cell_id(c, i) for i, c in enumerate(nb["cells"])]
+    return [_entry(chapter, ids, n, key[2]) for key, n, shown in _keyed(results)
+            if shown]
+
+
+def _describe(entry: dict, index: dict[str, int]) -> str:
+    """What a binding binds to: "0.966 printed by cell 30"."""
+    kind, by = entry["bound"], entry.get("by")
+    cell = (f"cell {index[by]}" if by in index
+            else f"a cell (id {by}) that is no longer in the chapter")
+    if kind == "printed":
+        return f"{entry['token']} printed by {cell}"
+    if kind == "setting in code":
+        return f"the setting {entry['token']} written in {cell}"
+    if kind == "re-quote":
+        return f"the same number quoted in {cell}, where it is bound"
+    if kind == "quotient":
+        return f"the quotient {entry['token']} of two numbers in its sentence"
+    if kind == "quoted_numbers metadata":
+        return f"a source listed in the metadata bnbook.{METADATA_KEY}"
+    return kind
+
+
+def _broken(entry: dict, chapter: Chapter, index: dict[str, int], quoted: dict,
+            prose_tokens: dict[int, set[str]], cell: int) -> str | None:
+    """Why a recorded binding no longer holds, None if it holds."""
+    kind, by = entry["bound"], index.get(entry.get("by", ""))
+    if "by" in entry and by is None:
+        return ""  # _describe says the cell is gone
+    if kind == "printed":
+        if chapter.cells[by]["cell_type"] != "code":
+            return "which is no longer a code cell"
+        tokens = [t for t, _ in chapter.printed_tokens[by]]
+        at, token = entry["at"], entry["token"]
+        if at < len(tokens) and tokens[at] == token:
+            return None  # the same token in its place
+        if len(tokens) != entry["of"] and tokens.count(token) == entry["count"]:
+            return None  # the output has more or fewer numbers: the token as often
+        if not tokens:
+            return "which now prints no number (is the chapter executed?)"
+        if at < len(tokens):
+            return f"which now prints {tokens[at]} in its place"
+        return f"which now prints {len(tokens)} numbers, none of them {token}"
+    if kind == "setting in code":
+        if chapter.cells[by]["cell_type"] == "code" and entry["token"] in [
+                t for t, _ in chapter.written_tokens[by]]:
+            return None
+        return "whose code no longer writes it"
+    if kind == "re-quote":
+        return None if entry["number"] in prose_tokens.get(by, set()) else (
+            "which no longer quotes it")
+    if kind == "quotient":
+        a, _, b = entry["token"].partition(" / ")
+        return None if {a, b} <= prose_tokens.get(cell, set()) else (
+            "which the sentence no longer quotes")
+    if kind == "quoted_numbers metadata":
+        return None if entry["number"] in quoted else "which no longer lists it"
+    return None
+
+
+def _key(entry: dict) -> tuple[str, str, int]:
+    return entry["cell"], entry["number"], entry["occurrence"]
+
+
+def _nth(k: int) -> str:
+    """How a message names the k-th occurrence of a number in a cell ("the 2nd ")."""
+    return "the " + {1: "2nd ", 2: "3rd "}.get(k, f"{k + 1}th ") if k else ""
+
+
+def _check_lock(path: Path, nb: dict, chapter: Chapter, results: list,
+                recorded: list[dict] | None, file: Path) -> list[Flag]:
+    """A number with no recorded binding, a binding that no longer holds, and a
+    recorded number that the prose no longer has."""
+    cells = nb["cells"]
+    ids = [_cell_id(c, i) for i, c in enumerate(cells)]
+    index = {cell_id: i for i, cell_id in enumerate(ids)}
+    rebind = f"`python scripts/prose_numbers.py --bind {path}`"
+    if recorded is None:
+        return [Flag(str(path), -1, "", "", (
+            f"no binding of its {len(results)} prose numbers is recorded in {file}: "
+            f"run {rebind}, which lists what each number is bound to, and check the "
+            "list"))]
+    quoted = nb.get("metadata", {}).get("bnbook", {}).get(METADATA_KEY, {})
+    prose_tokens: dict[int, set[str]] = {}
+    for n, _, _, _ in results:
+        prose_tokens.setdefault(n.cell, set()).add(n.token)
+    for seg in chapter.segments:
+        prose_tokens.setdefault(seg.cell, set()).update(
+            m.group().lstrip("−-") for m in PROSE_NUMBER.finditer(seg.text))
+    keyed = _keyed(results)
+    now = {(ids[cell], token, k) for (cell, token, k), _, _ in keyed}
+    stale = [e for e in recorded if _key(e) not in now]
+    by_key = {_key(e): e for e in recorded}
+
+    def context(n: ProseNumber) -> str:
+        text = n.segment.text
+        return " ".join(text[max(0, n.start - 60): n.start + len(n.token) + 25].split())
+
+    def where(cell: int) -> str:
+        return f"cell {cell} (“{_first_words(cells[cell])}”)"
+
+    flags, explained = [], set()
+    for (cell, token, k), n, shown in keyed:
+        if not shown:
+            continue  # the strict check flags it
+        entry = by_key.get((ids[cell], token, k))
+        if entry is None:
+            gone = [e for e in stale if e["cell"] == ids[cell]]
+            explained.update(id(e) for e in gone)
+            replaced = ("; the lock records " + ", ".join(
+                f"{e['number']} here, bound to {_describe(e, index)}" for e in gone)
+                + ", which the prose no longer has") if gone else ""
+            found = _describe(_entry(chapter, ids, n, k), index)
+            flags.append(Flag(str(path), cell, token, context(n), (
+                f"{_nth(k)}{token} in {where(cell)} has no recorded binding: it is "
+                f"new or changed{replaced}. The strict check binds it to {found}: "
+                f"check it against the output it quotes, then run {rebind}")))
+            continue
+        why = _broken(entry, chapter, index, quoted, prose_tokens, cell)
+        if why is None:
+            continue
+        flags.append(Flag(str(path), cell, token, context(n), (
+            f"{_nth(k)}{token} in {where(cell)} was bound to "
+            f"{_describe(entry, index)}{', ' + why if why else ''}: re-read what the "
+            "sentence quotes; fix the prose if it no longer says what the output "
+            f"shows, then run {rebind}")))
+    for e in stale:
+        if id(e) in explained:
+            continue
+        cell = index.get(e["cell"], -1)
+        place = (where(cell) if cell >= 0 else
+                 f"a Markdown cell (id {e['cell']}) that is no longer in the chapter")
+        flags.append(Flag(str(path), cell, e["number"], "", (
+            f"the lock records {_nth(e['occurrence'])}{e['number']} in {place}, "
+            f"bound to {_describe(e, index)}, but the prose there no longer has it: if "
+            f"it was removed or changed on purpose, run {rebind}")))
+    return flags
+
+
+def check_notebook(path: str | Path, strict: bool | None = None,
+                   lock: str | Path | bool | None = None) -> list[Flag]:
+    """The flags of one notebook; ``strict=None``: as ``STRICT_BY_DEFAULT`` says.
+
+    ``lock``: in strict mode, the file of recorded bindings to check the chapter
+    against (None: ``lock_file(path)``; False: none, the strict check alone).
+    """
     path = Path(path)
     strict = STRICT_BY_DEFAULT if strict is None else strict
     nb = json.loads(path.read_text(encoding="utf-8"))
-    return _check_strict(path, nb) if strict else _check_loose(path, nb)
+    if not strict:
+        return _check_loose(path, nb)
+    chapter, results = _strict(nb)
+    flags = _check_strict(path, nb, results)
+    if lock is False:
+        return flags
+    file = lock_file(path) if lock is None or lock is True else Path(lock)
+    return flags + _check_lock(path, nb, chapter, results,
+                               _load(file).get(path.stem), file)
+
+
+def bind(paths: list[str | Path], lock: str | Path | None = None) -> int:
+    """Record the bindings of each chapter that passes the strict check (its key only).
+
+    A chapter the strict check flags is not recorded: its flags are printed and the
+    status is 1.
+    """
+    status = 0
+    for path in map(Path, paths):
+        file = lock_file(path) if lock is None else Path(lock)
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        chapter, results = _strict(nb)
+        flags = _check_strict(path, nb, results)
+        if flags:
+            for f in flags:
+                print(f)
+            print(f"{path}: NOT recorded: {len(flags)} number(s) in its prose that no "
+                  "cell beside them shows; fix them first (--bind records only numbers "
+                  "the strict check shows)", file=sys.stderr)
+            status = 1
+            continue
+        data = _load(file)
+        old = {_key(e): e for e in data.get(path.stem, [])}
+        ids = [_cell_id(c, i) for i, c in enumerate(nb["cells"])]
+        index = {cell_id: i for i, cell_id in enumerate(ids)}
+        new = [_entry(chapter, ids, n, key[2]) for key, n, shown in _keyed(results)]
+        changes = []
+        for e in new:
+            key = _key(e)
+            place = f"{_nth(e['occurrence'])}{e['number']} in cell {index[e['cell']]}"
+            if key not in old:
+                changes.append(f"  + {place}: {_describe(e, index)}")
+            elif old[key] != e:
+                changes.append(f"  ~ {place}: {_describe(old[key], index)} -> "
+                               f"{_describe(e, index)}")
+        keys = {_key(e) for e in new}
+        changes += [f"  - {_nth(k[2])}{k[1]} in cell {index.get(k[0], k[0])}: dropped"
+                    for k in old if k not in keys]
+        data[path.stem] = new
+        text = _dump(data)
+        if not file.exists() or file.read_text(encoding="utf-8") != text:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(text, encoding="utf-8")
+        print(f"{path}: {len(new)} prose numbers bound, {len(changes)} change(s), "
+              f"recorded in {file}")
+        for line in changes:
+            print(line)
+    return status
 
 
 def main(argv: list[str]) -> int:
+    options = {"--strict", "--loose", "--bind"}
+    paths = [a for a in argv if a not in options] or [
+        os.path.relpath(p) for p in CHAPTERS]
+    if any(p.startswith("-") for p in paths):
+        print(__doc__.split("Usage:")[-1].strip(), file=sys.stderr)
+        return 2
+    if "--bind" in argv:
+        return bind(paths)
     strict = "--strict" in argv or (STRICT_BY_DEFAULT and "--loose" not in argv)
-    paths = [a for a in argv if a not in ("--strict", "--loose")]
-    flags = [f for p in paths for f in check_notebook(p, strict=strict)]
+    lock = None if strict and "--strict" not in argv else False
+    flags = [f for p in paths for f in check_notebook(p, strict=strict, lock=lock)]
     for f in flags:
         print(f)
-    note = (" beside them" if strict else
-            " (--strict: the check bound to the cells beside each number)")
+    if not strict:
+        note = " (--strict: the check bound to the cells beside each number)"
+    elif lock is False:
+        note = " beside them (the recorded bindings not checked)"
+    else:
+        note = (" beside them, or whose recorded binding no longer holds; once the "
+                "prose says what the outputs show, --bind records it")
     print(f"{len(flags)} number(s) in the prose that no cell shows{note}",
           file=sys.stderr)
     return 1 if flags else 0

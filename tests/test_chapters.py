@@ -1,9 +1,11 @@
 """Claims that survive an instructor's edit.
 
 Re-running a chapter after a change (``make execute``) updates its outputs but not its
-prose: every number in a chapter's prose must be shown by the chapter
-(``scripts/prose_numbers.py``). And a claim asserted in a cell must say which claim
-broke when it fails: every ``assert`` in a chapter carries a message.
+prose: every number in a chapter's prose must be shown by the cells beside it, and by
+the output recorded for it in ``book/data/prose-bindings.json``
+(``scripts/prose_numbers.py``; ``--bind`` records the bindings). And a claim asserted
+in a cell must say which claim broke when it fails: every ``assert`` in a chapter
+carries a message.
 """
 
 import ast
@@ -22,13 +24,15 @@ CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
 def test_every_number_in_the_prose_is_shown_by_the_chapter(path):
-    # the mode is prose_numbers.STRICT_BY_DEFAULT: strict binds each number to the
-    # outputs of the cells beside it (`python scripts/prose_numbers.py --strict`)
+    # the default check: each number bound to the outputs of the cells beside it
+    # (strict), and to the output its recorded binding names (the lock)
     flags = prose_numbers.check_notebook(path)
     assert not flags, (
         f"{len(flags)} number(s) in the prose of {path.name} that no cell beside "
-        "them shows; re-read the outputs and fix the prose, or list a number "
-        "quoted from a paper under metadata bnbook.quoted_numbers with its source:\n"
+        "them shows, or whose recorded output changed; re-read the outputs and fix "
+        "the prose (a number quoted from a paper goes under metadata "
+        "bnbook.quoted_numbers with its source), then record the bindings with "
+        f"`python scripts/prose_numbers.py --bind book/{path.name}`:\n"
         + "\n".join(str(f) for f in flags))
 
 
@@ -90,7 +94,7 @@ def test_the_checker_flags_exactly_the_numbers_no_cell_shows(tmp_path, prose, fl
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps(nb))
     for strict in (False, True):  # the first version and the strict one agree here
-        found = prose_numbers.check_notebook(path, strict=strict)
+        found = prose_numbers.check_notebook(path, strict=strict, lock=False)
         assert [f.number for f in found] == flagged
 
 
@@ -101,7 +105,7 @@ def test_numbers_quoted_from_papers_are_listed_with_their_sources(tmp_path):
     quoted = {"50,000": "Ioffe & Szegedy (2015), Sec. 4.1"}
     prose = _md("The paper trains for 50,000 steps.")
     path.write_text(json.dumps(_notebook([prose], quoted)))
-    assert prose_numbers.check_notebook(path) == []
+    assert prose_numbers.check_notebook(path, lock=False) == []
     path.write_text(json.dumps(_notebook([_md("The paper trains for long.")], quoted)))
-    [flag] = prose_numbers.check_notebook(path)
+    [flag] = prose_numbers.check_notebook(path, lock=False)
     assert flag.number == "50,000" and "not in the prose" in flag.context
