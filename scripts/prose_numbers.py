@@ -16,8 +16,11 @@ The check (the default) has two parts:
   a printed 0.969), the lock does not (below: the lock).
 
 ``--strict`` runs the strict check alone. ``--loose`` is the first version: a number
-passes if it appears anywhere in the chapter's outputs or code (it lets about one
-planted stale number in four through).
+passes if it appears anywhere in the chapter's outputs or code, and ratios in words
+are not checked. On the chapters of 6 December 2026, of 49 stale numbers planted in
+the prose (``tests/test_prose_numbers.py``, seed 16) the first version flags 23, the
+strict check 37 and the lock all 49; of 39 printed values moved under the prose, the
+strict check flags 14 and the lock all 39.
 
 Strict mode: where a number must be shown
     The *neighbourhood* of a piece of prose is the outputs of
@@ -1005,7 +1008,9 @@ def bind(paths: list[str | Path], lock: str | Path | None = None) -> int:
         text = _dump(data)
         if not file.exists() or file.read_text(encoding="utf-8") != text:
             file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text(text, encoding="utf-8")
+            part = file.with_name(f".{file.name}.{os.getpid()}")
+            part.write_text(text, encoding="utf-8")
+            os.replace(part, file)  # a reader never sees half a file
         print(f"{path}: {len(new)} prose numbers bound, {len(changes)} change(s), "
               f"recorded in {file}")
         for line in changes:
