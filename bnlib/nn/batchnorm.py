@@ -19,11 +19,35 @@ def _mode(m: nn.Module) -> tuple[bool, Tensor | None, Tensor | None]:
     ``(bn_training, running_mean, running_var)``. Batch statistics in training, and in
     eval when no running ones are kept; the running statistics are read in eval and
     written in training, if tracked (None otherwise)."""
-    bn_training = m.training or (m.running_mean is None and m.running_var is None)
+    return _mode_of(m, m.running_mean, m.running_var)
+
+
+def _mode_of(m: nn.Module, running_mean: Tensor | None, running_var: Tensor | None
+             ) -> tuple[bool, Tensor | None, Tensor | None]:
+    """_mode, given the module's running statistics."""
+    bn_training = m.training or (running_mean is None and running_var is None)
     use_running = not m.training or m.track_running_stats
     if not use_running:
         return bn_training, None, None
-    return bn_training, m.running_mean, m.running_var
+    return bn_training, running_mean, running_var
+
+
+def _tensors(m: nn.Module) -> tuple[Tensor | None, ...]:
+    """``(weight, bias, running_mean, running_var)`` of a batch-norm module.
+
+    Read from the module's parameter and buffer dicts where its class is one of ours
+    as defined (nn.Module's attribute lookup costs about 2 us a name, and forward needs
+    four); through attribute lookup for anything else (a subclass, or a parametrized
+    module, whose class computes ``weight`` or ``bias``), and where a name was
+    deleted, so that the error is torch's."""
+    if type(m) in _PLAIN:
+        params, buffers = m._parameters, m._buffers
+        try:
+            return (params["weight"], params["bias"], buffers["running_mean"],
+                    buffers["running_var"])
+        except KeyError:
+            pass
+    return m.weight, m.bias, m.running_mean, m.running_var
 
 
 class _BatchNorm:
@@ -52,8 +76,10 @@ class _BatchNorm:
             return tracer.create_proxy("call_module", tracer.path_of_module(self),
                                        (x,), {})
         self._check_input_dim(x)
-        bn_training, running_mean, running_var = _mode(self)
-        nonempty = _check_args(x, running_mean, running_var, self.weight, self.bias,
+        weight, bias, running_mean, running_var = _tensors(self)
+        bn_training, running_mean, running_var = _mode_of(self, running_mean,
+                                                          running_var)
+        nonempty = _check_args(x, running_mean, running_var, weight, bias,
                                bn_training, self.eps, self.num_features)
 
         # Only now, with every check passed, change the module's state.
@@ -64,9 +90,9 @@ class _BatchNorm:
             if self.momentum is None:  # cumulative average over the batches seen
                 factor = 1.0 / self.num_batches_tracked.double()
         if not nonempty:
-            return _empty_output(x, self.weight, self.bias)
-        return _batch_norm(x, running_mean, running_var, self.weight, self.bias,
-                           bn_training, factor, self.eps)
+            return _empty_output(x, weight, bias)
+        return _batch_norm(x, running_mean, running_var, weight, bias, bn_training,
+                           factor, self.eps)
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
@@ -85,6 +111,9 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """Batch norm over (N, C, D, H, W) input; drop-in for ``nn.BatchNorm3d``."""
 
     _expected_dims = (5,)
+
+
+_PLAIN = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
 def _as_torch_batchnorm(bn: nn.Module) -> nn.Module:

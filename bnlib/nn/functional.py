@@ -11,7 +11,7 @@ import torch
 import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
 
-from ._kernels import _REDUCED, _compute, _eval_kernel, _forward_kernel, _to
+from ._kernels import _REDUCED, _compute, _eval_kernel, _forward_kernel, _scalar, _to
 from ._op import (
     BatchNormFunction,
     _batch_norm_op,
@@ -167,7 +167,7 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
     if training and running_mean is not None and running_var is not None:
         m = x.numel() // x.shape[1]
         with torch.no_grad():  # running = (1 - momentum) * running + momentum * stat
-            unbiased_var = var * (m / (m - 1))  # store the unbiased variance
+            unbiased_var = var * _scalar(m / (m - 1), var)  # the unbiased variance
             pairs = ((running_mean, mean), (running_var, unbiased_var))
             if _transformed():  # vmap has batching rules for these, not lerp_
                 for running, stat in pairs:
