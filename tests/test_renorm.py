@@ -449,3 +449,26 @@ def test_warmup_schedule_runs_the_papers_relaxation():
 def test_docstring_says_the_running_variance_is_unbiased_not_the_papers_sigma():
     from bnlib.nn import renorm as module  # the file's docstring, read by the API page
     assert "unbiased" in module.__doc__ and "sigma_B" in module.__doc__
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_corrections_are_the_unclipped_r_and_d_a_training_call_uses(kind):
+    # chapter 9 reads corrections() to plot how often the clip acts
+    cls, _, shape = KINDS[kind]
+    torch.manual_seed(0)
+    m = cls(shape[1], dtype=D).train()
+    with torch.no_grad():
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.2, 3)
+    x = torch.randn(shape, dtype=D) * 3 + 1
+    before = _state(m)
+    r, d = m.corrections(x)
+    _assert_unchanged(m, before)
+    _, r_ref, d_ref, _, _ = renorm_reference(
+        x, m.weight.detach(), m.bias.detach(), m.running_mean, m.running_var,
+        math.inf, math.inf, m.eps, 0.1)
+    assert_all_close([r, d], [r_ref, d_ref], ["r", "d"], rtol=1e-12, atol=1e-12)
+    # clipped to limits(), they are what the forward uses: its output is the reference's
+    y_ref = renorm_reference(x, m.weight.detach(), m.bias.detach(), m.running_mean,
+                             m.running_var, *m.limits(), m.eps, 0.1)[0]
+    assert_all_close([m(x)], [y_ref], ["y"], rtol=1e-12, atol=1e-12)

@@ -194,6 +194,19 @@ class _BatchRenorm(_TorchBatchNorm):
         return (_ramp(step, start, r_end, self.r_max, 1.0),
                 _ramp(step, start, d_end, self.d_max, 0.0))
 
+    @torch.no_grad()
+    def corrections(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(r, d)`` for the batch x against the running statistics as they are now,
+        before clipping: r = sigma_B / sigma, d = (mu_B - mu) / sigma, (C,) each, with
+        sigma_B = sqrt(var_B + eps) (biased batch variance) and sigma = sqrt(running_var
+        + eps). A training forward uses them clipped to ``limits()``; compare them with
+        those limits to see how often the clip acts. Changes no state."""
+        xf = _compute(x).detach()
+        var_B, mu_B = torch.var_mean(xf, _reduce_dims(x), correction=0)  # (C,)
+        s = torch.sqrt(_to(self.running_var, xf.dtype) + self.eps)
+        return (torch.sqrt(var_B + self.eps) / s,
+                (mu_B - _to(self.running_mean, xf.dtype)) / s)
+
     def extra_repr(self) -> str:
         warmup = getattr(self, "warmup", None)
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -227,13 +240,8 @@ class _BatchRenorm(_TorchBatchNorm):
         if not nonempty:
             return _empty_output(x, self.weight, self.bias)
 
-        xf, dims = _compute(x), _reduce_dims(x)
-        with torch.no_grad():  # r and d from the running statistics before this batch
-            var_B, mu_B = torch.var_mean(xf.detach(), dims, correction=0)  # (C,)
-            s_B = torch.sqrt(var_B + self.eps)
-            s = torch.sqrt(_to(running_var, xf.dtype) + self.eps)
-            r = (s_B / s).clamp(1 / r_max, r_max)  # (C,)
-            d = ((mu_B - _to(running_mean, xf.dtype)) / s).clamp(-d_max, d_max)
+        r, d = self.corrections(x)  # from the running statistics before this batch
+        r, d = r.clamp(1 / r_max, r_max), d.clamp(-d_max, d_max)  # (C,)
         y, mu_B, var_B = BatchRenormFunction.apply(x, self.weight, self.bias, r, d,
                                                    self.eps)
         m = x.numel() // x.shape[1]  # values per channel
