@@ -503,6 +503,56 @@ def test_eval_output_takes_an_inplace_op_with_autograd_on(shape, dtype):
     assert_all_close(grads[0], grads[1], ["y", "grad of x", "grad of weight"], **tol)
 
 
+# Each of the affine map's layouts (see bnlib.nn._kernels._tile_shape), by the input
+# that takes it: the whole (C, *spatial) plane, (C, 1, k) rows, broadcast.
+_LAYOUTS = {(8, 128, 8, 8): (128, 8, 8), (16, 256, 14, 14): (256, 14, 14),
+            (1, 32, 112, 112): (32, 1, 128), (1, 8, 32771): None,  # 32771 is prime
+            (4, 16, 7, 7): None, (60, 100): None}
+
+
+@pytest.mark.parametrize("shape", list(_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_affine_layouts_give_the_same_bits(shape, dtype):
+    """However _affine lays out the per-channel vectors (a tile made by multiplying
+    by one, or broadcasting), y = x * scale + shift has the bits of the plain
+    broadcast addcmul, in a new tensor or in place."""
+    from bnlib.nn._kernels import _affine, _bcast, _tile_shape
+
+    assert _tile_shape(torch.empty(shape, dtype=torch.float32)) == _LAYOUTS[shape]
+    x = (torch.randn(shape, dtype=D) * 3 + 1).to(dtype)
+    scale, shift = torch.randn(2, shape[1], dtype=dtype)
+    reference = torch.addcmul(_bcast(shift, x), x, _bcast(scale, x))
+    assert torch.equal(_affine(x, scale, shift), reference)
+    inplace = x.clone()
+    assert _affine(inplace, scale, shift, inplace=True) is inplace
+    assert torch.equal(inplace, reference)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX2",
+                    reason="torch's kernel is compared on the pinned AVX2 path only")
+@pytest.mark.parametrize("shape", list(_LAYOUTS) + [(3, 5, 4, 4, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eval_output_is_bit_identical_to_torch(shape, dtype):
+    """In eval mode bnlib computes y = x * scale + (beta - mu * scale) as torch's CPU
+    kernel does, so the output has the very same bits, with and without gradients,
+    with and without the affine parameters, and for channels_last input."""
+    c = shape[1]
+    x = (torch.randn(shape, dtype=D) * 3 + 1).to(dtype)
+    mean, weight, bias = torch.randn(3, c, dtype=D).to(dtype)
+    var = (torch.rand(c, dtype=D) + 0.1).to(dtype)
+    inputs = [x] + ([x.contiguous(memory_format=torch.channels_last)]
+                    if x.dim() == 4 else [])
+    for xi in inputs:
+        for w, b in ((weight, bias), (None, None)):
+            expected = torch.nn.functional.batch_norm(xi, mean, var, w, b, eps=1e-5)
+            with torch.no_grad():
+                y = bnn.batch_norm(xi, mean, var, w, b, eps=1e-5)
+            y_grad = bnn.batch_norm(xi.clone().requires_grad_(), mean, var, w, b,
+                                    eps=1e-5)
+            assert torch.equal(y, expected), f"strides {xi.stride()}, affine {w is not None}"
+            assert torch.equal(y_grad.detach(), expected)
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_model_ensembling_recipe_with_inplace_relu_at_real_size(training):
     """torch.func's ensembling recipe as written (stack_module_state, functional_call

@@ -73,6 +73,12 @@ def _check_tensors(x, running_mean, running_var, weight, bias, training,
     """The checks torch's kernel makes, in its order: the channel count, the (C,)
     shapes, running statistics in eval, a floating-point input, one dtype."""
     c = x.shape[1]
+    if running_mean is not None and running_var is not None and weight is not None \
+            and bias is not None and x.dtype == running_mean.dtype == running_var.dtype \
+            == weight.dtype == bias.dtype and (num_features is None or c == num_features) \
+            and running_mean.shape == running_var.shape == weight.shape == bias.shape \
+            == (c,) and x.is_floating_point():
+        return  # the usual case, which passes every check below: decided at once
     if num_features is not None and c != num_features and any(
             v is not None for v in (running_mean, running_var, weight, bias)):
         raise RuntimeError(
@@ -163,7 +169,7 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
         y, mean, var, _ = _forward_kernel(*args)
     else:  # the same, in eval: no statistics to return
         y = _to(_eval_kernel(_compute(x), weight, bias, running_mean, running_var,
-                             eps)[0], x.dtype)
+                             eps, need_inv_std=False)[0], x.dtype)
     if training and running_mean is not None and running_var is not None:
         m = x.numel() // x.shape[1]
         with torch.no_grad():  # running = (1 - momentum) * running + momentum * stat
