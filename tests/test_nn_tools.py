@@ -507,7 +507,8 @@ def test_eval_output_takes_an_inplace_op_with_autograd_on(shape, dtype):
 # that takes it: the whole (C, *spatial) plane, (C, 1, k) rows, broadcast.
 _LAYOUTS = {(8, 128, 8, 8): (128, 8, 8), (16, 256, 14, 14): (256, 14, 14),
             (1, 32, 112, 112): (32, 1, 128), (1, 8, 32771): None,  # 32771 is prime
-            (4, 16, 7, 7): None, (60, 100): None}
+            (4, 16, 7, 7): None, (60, 100): None, (64, 100, 50): (100, 50),
+            (4, 8, 6, 10, 12): (8, 6, 10, 12), (1, 48, 8, 64, 96): (48, 1, 128)}
 
 
 @pytest.mark.parametrize("shape", list(_LAYOUTS))
@@ -549,7 +550,7 @@ def test_eval_output_is_bit_identical_to_torch(shape, dtype):
                 y = bnn.batch_norm(xi, mean, var, w, b, eps=1e-5)
             y_grad = bnn.batch_norm(xi.clone().requires_grad_(), mean, var, w, b,
                                     eps=1e-5)
-            assert torch.equal(y, expected), f"strides {xi.stride()}, affine {w is not None}"
+            assert torch.equal(y, expected), f"{xi.stride()=}, {w is not None=}"
             assert torch.equal(y_grad.detach(), expected)
 
 

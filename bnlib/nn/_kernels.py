@@ -111,11 +111,12 @@ def _tile(length: int) -> int | None:
     return next((k for k in range(128, 15, -1) if length % k == 0), None)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=16)
 def _ones(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """A CPU tensor of ones, made once per shape and dtype (outside inference mode, so
     that any later computation may use it); ``_affine`` multiplies a (C, 1, ...)
-    vector by it to lay the vector out as a tile (times one: the same bits)."""
+    vector by it to lay the vector out as a tile (times one: the same bits). At most
+    16 tiles of at most ``_PLANE_BYTES`` are kept."""
     with torch.inference_mode(False):
         return torch.ones(shape, dtype=dtype)
 
@@ -136,19 +137,26 @@ def _tile_shape(x: Tensor) -> tuple[int, ...] | None:
     - else (C, 1, k) rows, with k the largest divisor of H*W in 16..128 (x is viewed
       as (N, C, L / k, k)), so that the tile stays small next to a large input;
     - None (broadcast) where no k fits, on GPU (where broadcasting costs nothing), for
-      (N, C) and channels_last input (C is innermost: the vectors are contiguous
-      there already), and for inputs under ``_TILE_MIN`` values, where the tile's own
-      op costs more than it saves.
+      tensor subclasses (fake tensors of a trace), for (N, C) and channels_last input
+      (C is innermost: the vectors are contiguous there already), and for inputs under
+      ``_TILE_MIN`` values, where the tile's own op costs more than it saves.
 
     The result is the same bits either way: the tile is the vector times one.
     """
-    shape = x.shape
-    if len(shape) == 2 or not x.is_cpu or x.numel() < _TILE_MIN \
+    if x.dim() == 2 or not x.is_cpu or type(x) is not torch.Tensor \
             or not x.is_contiguous():
+        return None  # (fake tensors, traced with symbolic shapes: broadcast)
+    return _tile_for(x.shape, x.element_size())
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_for(shape: torch.Size, itemsize: int) -> tuple[int, ...] | None:
+    """_tile_shape for contiguous CPU input of this shape and element size."""
+    if math.prod(shape) < _TILE_MIN:
         return None
-    plane = shape[1:]
-    if x.numel() // shape[0] * x.element_size() <= _PLANE_BYTES:
-        return tuple(plane)
+    plane = tuple(shape[1:])
+    if math.prod(plane) * itemsize <= _PLANE_BYTES:
+        return plane
     k = _tile(math.prod(shape[2:]))
     return None if k is None else (shape[1], 1, k)
 
@@ -165,10 +173,13 @@ def _affine(t: Tensor, scale: Tensor, shift: Tensor, inplace: bool = False) -> T
         return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t),
                              out=t if inplace else None)
     c = t.shape[1]
+    if tile == t.shape[1:]:  # the whole (C, *spatial) plane; the shift broadcast
+        scale_tile = torch.mul(_bcast(scale, t), _ones(tile, t.dtype))
+        return torch.addcmul(_bcast(shift, t), t, scale_tile,
+                             out=t if inplace else None)
+    # (C, 1, k) rows, against t viewed as (N, C, L / k, k)
     scale_tile = torch.mul(scale.view(c, 1, 1), _ones(tile, t.dtype))
-    shift = shift.view(c, 1, 1)  # broadcast: the one operand that is
-    if tile == t.shape[1:]:  # the whole (C, *spatial) plane
-        return torch.addcmul(shift, t, scale_tile, out=t if inplace else None)
+    shift = shift.view(c, 1, 1)
     n, k = t.shape[0], tile[-1]
     out = t if inplace else torch.empty_like(t)  # contiguous, like t
     torch.addcmul(shift, t.view(n, c, -1, k), scale_tile,

@@ -73,11 +73,11 @@ def _check_tensors(x, running_mean, running_var, weight, bias, training,
     """The checks torch's kernel makes, in its order: the channel count, the (C,)
     shapes, running statistics in eval, a floating-point input, one dtype."""
     c = x.shape[1]
-    if running_mean is not None and running_var is not None and weight is not None \
-            and bias is not None and x.dtype == running_mean.dtype == running_var.dtype \
-            == weight.dtype == bias.dtype and (num_features is None or c == num_features) \
-            and running_mean.shape == running_var.shape == weight.shape == bias.shape \
-            == (c,) and x.is_floating_point():
+    mean, var = running_mean, running_var
+    if (mean is not None and var is not None and weight is not None and bias is not None
+            and x.dtype == mean.dtype == var.dtype == weight.dtype == bias.dtype
+            and mean.shape == var.shape == weight.shape == bias.shape == (c,)
+            and (num_features is None or c == num_features) and x.is_floating_point()):
         return  # the usual case, which passes every check below: decided at once
     if num_features is not None and c != num_features and any(
             v is not None for v in (running_mean, running_var, weight, bias)):
@@ -155,6 +155,7 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
     else:
         running_mean_in, running_var_in = running_mean, running_var
     args = (x, weight, bias, running_mean_in, running_var_in, training, eps)
+    eager = False
     if torch.compiler.is_exporting():  # one operator node, which keeps its backward
         y, mean, var = _batch_norm_op(*args)
     elif torch.compiler.is_compiling():  # tensor ops for Inductor to fuse
@@ -165,25 +166,33 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
             x.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad))):
         y, mean, var = _EagerBatchNormFunction.apply(*args)
+        eager = True
     elif training:  # nothing to differentiate: the kernel alone
         y, mean, var, _ = _forward_kernel(*args)
+        eager = True
     else:  # the same, in eval: no statistics to return
         y = _to(_eval_kernel(_compute(x), weight, bias, running_mean, running_var,
                              eps, need_inv_std=False)[0], x.dtype)
     if training and running_mean is not None and running_var is not None:
         m = x.numel() // x.shape[1]
-        with torch.no_grad():  # running = (1 - momentum) * running + momentum * stat
+        if eager and isinstance(momentum, float) and running_mean.dtype == mean.dtype \
+                and running_var.dtype == mean.dtype and not (
+                    running_mean.requires_grad or running_var.requires_grad):
+            # Nothing here can be recorded by autograd (the statistics are not
+            # differentiable, the buffers do not require grad), so no torch.no_grad(),
+            # whose enter and exit cost as much as one of these ops.
             unbiased_var = var * _scalar(m / (m - 1), var)  # the unbiased variance
-            pairs = ((running_mean, mean), (running_var, unbiased_var))
-            if _transformed():  # vmap has batching rules for these, not lerp_
-                for running, stat in pairs:
-                    running.mul_(1 - momentum).add_(stat * momentum)
-            elif isinstance(momentum, float) and running_mean.dtype == mean.dtype \
-                    and running_var.dtype == mean.dtype:
-                # running + momentum * (stat - running), both in one call
-                torch._foreach_lerp_([running_mean, running_var], [mean, unbiased_var],
-                                     momentum)
-            else:
-                for running, stat in pairs:
-                    running.lerp_(_to(stat, running.dtype), momentum)
+            # running + momentum * (stat - running), both in one call
+            torch._foreach_lerp_([running_mean, running_var], [mean, unbiased_var],
+                                 momentum)
+        else:
+            with torch.no_grad():  # the same, where autograd could record it
+                unbiased_var = var * _scalar(m / (m - 1), var)
+                pairs = ((running_mean, mean), (running_var, unbiased_var))
+                if _transformed():  # vmap has batching rules for these, not lerp_
+                    for running, stat in pairs:
+                        running.mul_(1 - momentum).add_(stat * momentum)
+                else:
+                    for running, stat in pairs:
+                        running.lerp_(_to(stat, running.dtype), momentum)
     return y
