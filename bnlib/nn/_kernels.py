@@ -31,7 +31,12 @@ def _reduce_dims(x: Tensor) -> list[int]:
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
     """View a (C,) vector as (C, 1, ..., 1), to broadcast against x of shape
     (N, C, ...)."""
-    return v if x.dim() == 2 else v.view([-1] + [1] * (x.dim() - 2))
+    d = x.dim()
+    if d == 2:
+        return v
+    # the sizes as separate arguments: measured 3.1 us a view against 4.7 us for one
+    # list or tuple argument (and this runs several times a call)
+    return v.view(-1, 1, 1) if d == 4 else v.view(-1, *(1,) * (d - 2))
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -121,9 +126,10 @@ def _ones(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return torch.ones(shape, dtype=dtype)
 
 
-def _tile_shape(x: Tensor) -> tuple[int, ...] | None:
-    """The shape of the tile in which ``_affine`` lays out its per-channel vectors
-    for x, or None where it broadcasts them instead.
+def _tile_shape(x: Tensor) -> tuple[tuple[int, ...], int | None] | None:
+    """``(tile, k)``: the shape of the tile in which ``_affine`` lays out its
+    per-channel vectors for x, and its row length k (None for a whole plane); or None
+    where it broadcasts them instead.
 
     PyTorch's CPU kernels vectorize a three-operand op (addcmul) only when at most one
     operand is broadcast along the innermost dimension. For (N, C, *spatial) input a
@@ -150,15 +156,16 @@ def _tile_shape(x: Tensor) -> tuple[int, ...] | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _tile_for(shape: torch.Size, itemsize: int) -> tuple[int, ...] | None:
+def _tile_for(shape: torch.Size, itemsize: int
+              ) -> tuple[tuple[int, ...], int | None] | None:
     """_tile_shape for contiguous CPU input of this shape and element size."""
     if math.prod(shape) < _TILE_MIN:
         return None
     plane = tuple(shape[1:])
     if math.prod(plane) * itemsize <= _PLANE_BYTES:
-        return plane
+        return plane, None
     k = _tile(math.prod(shape[2:]))
-    return None if k is None else (shape[1], 1, k)
+    return None if k is None else ((shape[1], 1, k), k)
 
 
 def _affine(t: Tensor, scale: Tensor, shift: Tensor, inplace: bool = False) -> Tensor:
@@ -168,22 +175,19 @@ def _affine(t: Tensor, scale: Tensor, shift: Tensor, inplace: bool = False) -> T
     The result is never a view: it is an operator's output, which the caller may
     modify in place (BN -> ReLU(inplace=True)), and autograd forbids that on a view
     created inside a custom Function."""
-    tile = _tile_shape(t)
-    if tile is None:
-        return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t),
-                             out=t if inplace else None)
-    c = t.shape[1]
-    if tile == t.shape[1:]:  # the whole (C, *spatial) plane; the shift broadcast
-        scale_tile = torch.mul(_bcast(scale, t), _ones(tile, t.dtype))
-        return torch.addcmul(_bcast(shift, t), t, scale_tile,
-                             out=t if inplace else None)
+    layout, out = _tile_shape(t), t if inplace else None
+    if layout is None:
+        return torch.addcmul(_bcast(shift, t), t, _bcast(scale, t), out=out)
+    tile, k = layout
+    scale_tile = torch.mul(_bcast(scale, t) if k is None else scale.view(-1, 1, 1),
+                           _ones(tile, t.dtype))
+    if k is None:  # the whole (C, *spatial) plane; the shift broadcast
+        return torch.addcmul(_bcast(shift, t), t, scale_tile, out=out)
     # (C, 1, k) rows, against t viewed as (N, C, L / k, k)
-    scale_tile = torch.mul(scale.view(c, 1, 1), _ones(tile, t.dtype))
-    shift = shift.view(c, 1, 1)
-    n, k = t.shape[0], tile[-1]
-    out = t if inplace else torch.empty_like(t)  # contiguous, like t
-    torch.addcmul(shift, t.view(n, c, -1, k), scale_tile,
-                  out=out.view(n, c, -1, k))  # (N, C, L / k, k)
+    n, c = t.shape[0], t.shape[1]
+    out = torch.empty_like(t) if out is None else out  # contiguous, like t
+    torch.addcmul(shift.view(-1, 1, 1), t.view(n, c, -1, k), scale_tile,
+                  out=out.view(n, c, -1, k))
     return out
 
 
