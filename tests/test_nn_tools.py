@@ -530,6 +530,31 @@ def test_affine_layouts_give_the_same_bits(shape, dtype):
     assert torch.equal(inplace, reference)
 
 
+def test_tile_made_under_inference_mode_serves_autograd_later():
+    """The cached tile of ones is made outside inference mode even when the first call
+    that needs it runs inside it (serving code), so a later training or gradient call
+    with the same shape can use it (an inference tensor would raise there)."""
+    from bnlib.nn._kernels import _ones
+
+    _ones.cache_clear()
+    shape = (8, 128, 8, 8)  # takes the whole-plane tile
+    m, ref = _twins(torch.nn.BatchNorm2d, 128)
+    x = torch.randn(shape, dtype=D)
+    for module in (m, ref):
+        module.double().eval()
+    with torch.inference_mode():
+        y_inf = m(x)
+    assert not _ones(shape[1:], D).is_inference()
+    xg = x.clone().requires_grad_()
+    y = m(xg)
+    y.square().sum().backward()
+    xr = x.clone().requires_grad_()
+    ref(xr).square().sum().backward()
+    assert torch.equal(y.detach(), y_inf)
+    assert_all_close([y.detach(), xg.grad], [ref(x).detach(), xr.grad], ["y", "grad"],
+                     atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX2",
                     reason="torch's kernel is compared on the pinned AVX2 path only")
 @pytest.mark.parametrize("shape", list(_LAYOUTS) + [(3, 5, 4, 4, 4)])
